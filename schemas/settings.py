@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
@@ -76,10 +76,19 @@ class RaySettings(_Section):
     num_cpus: int | None = None
     """CPUs the embedded head offers; None lets Ray count them."""
     runtime_env: Path = Path("deploy/ray_runtime.json")
+    client_server_port: int = 10001
+    """Ray Client server of the embedded head; distinct per stack so a dev and a test head coexist."""
+    dashboard_agent_port: int = 52365
+    """HTTP port of the head's dashboard agent (same reason)."""
+    min_worker_port: int = 40000
+    """Ray worker ports, kept away from the 1xxxx/2xxxx service ports of the stacks."""
+    max_worker_port: int = 44999
+    object_store_mb: int = Field(1024, ge=100)
+    """Object store of the embedded head; small because checkpoints go to S3, not the object store."""
 
 
 class StackSettings(_Section):
-    home: Path = Path(".medretrain")
+    home: Path = Field(Path(".medretrain"), validate_default=True)
     """Embedded stack state: data, logs, pid files, generated credentials."""
     host: str = "127.0.0.1"
     """Every embedded service binds here only."""
@@ -88,6 +97,14 @@ class StackSettings(_Section):
     s3_filer_port: int = 18888
     s3_grpc_offset: int = 10000
     start_timeout_s: float = 90.0
+    broker_bucket: str = "medretrain-broker"
+    """S3 bucket holding the embedded Kafka-protocol broker's topics (so they survive a restart)."""
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Ray jobs and services run in other working directories: a relative home would point elsewhere there.
+        return home.expanduser().absolute()
 
 
 class StreamSettings(_Section):
@@ -155,7 +172,12 @@ class EvalSettings(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MEDRETRAIN_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="MEDRETRAIN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        # "null" in an env var means None, so every Settings value (deploy.ray_env) round-trips through env vars.
+        env_parse_none_str="null",
     )
 
     stack: StackSettings = StackSettings()
