@@ -1,0 +1,75 @@
+"""Text metrics of generated answers: ROUGE-L and BLEU through ``evaluate``, degeneracy, lengths.
+
+ROUGE-L and BLEU come from the project-local metric modules under ``evaluator/metrics/``,
+loaded by path because the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import statistics
+from functools import cache
+from pathlib import Path
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+ROUGE_MODULE = METRICS_DIR / "medqa_rouge"
+BLEU_MODULE = METRICS_DIR / "medqa_bleu"
+
+SET_NAMES = ("medquad", "production")
+"""Evaluation sets: the MedQuAD test split (forgetting) and the snapshot's production slice (new data)."""
+LOSS_METRICS = ("loss", "perplexity", "tokens")
+GENERATION_METRICS = ("rougeL", "bleu", "empty_rate", "degenerate_rate", "len_mean", "len_median", "len_p90")
+METRIC_NAMES = LOSS_METRICS + GENERATION_METRICS
+
+REPETITION_MIN_WORDS = 8
+"""Shorter answers are too short to call repetitive."""
+REPETITION_MIN_DISTINCT = 0.5
+"""Below this share of distinct word trigrams an answer loops ("the the the ..."), a classic collapse of a bad adapter."""
+
+
+@cache
+def _load(module_dir: Path):
+    import evaluate
+
+    return evaluate.load(str(module_dir))
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure in [0, 1]."""
+    return float(_load(ROUGE_MODULE).compute(predictions=predictions, references=references)["rougeL"])
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu corpus BLEU, 0-100."""
+    return float(_load(BLEU_MODULE).compute(predictions=predictions, references=references)["bleu"])
+
+
+def is_degenerate(text: str) -> bool:
+    """Empty, or so repetitive that fewer than half of its word trigrams are distinct."""
+    words = text.split()
+    if not words:
+        return True
+    if len(words) < REPETITION_MIN_WORDS:
+        return False
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(set(trigrams)) / len(trigrams) < REPETITION_MIN_DISTINCT
+
+
+def length_stats(texts: list[str]) -> dict[str, float]:
+    """Answer length in words: mean, median and 90th percentile."""
+    lengths = [len(t.split()) for t in texts] or [0]
+    p90 = statistics.quantiles(lengths, n=10, method="inclusive")[-1] if len(lengths) > 1 else float(lengths[0])
+    return {"len_mean": statistics.fmean(lengths), "len_median": float(statistics.median(lengths)), "len_p90": float(p90)}
+
+
+def score_answers(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Every generation metric of one model on one set."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    n = max(len(predictions), 1)
+    return {
+        "rougeL": rouge_l(predictions, references),
+        "bleu": bleu(predictions, references),
+        "empty_rate": sum(not p.strip() for p in predictions) / n,
+        "degenerate_rate": sum(is_degenerate(p) for p in predictions) / n,
+        **length_stats(predictions),
+    }
