@@ -1,0 +1,89 @@
+"""Packing keeps pairs independent: the packed loss equals each pair's own loss."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer.loss import answer_loss, chunked_answer_loss
+from trainer.packing import IGNORE, Example, collate_packed, pack_examples, packing_efficiency
+
+
+def _example(ids: list[int], prompt_len: int) -> Example:
+    return Example(list(ids), [IGNORE] * prompt_len + list(ids[prompt_len:]))
+
+
+def _tiny_llama(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+def _only(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    kept = torch.full_like(labels, IGNORE)
+    kept[:, start:end] = labels[:, start:end]
+    return kept
+
+
+def test_pack_examples_fills_rows_and_restarts_positions():
+    examples = [_example(range(10 + i, 10 + i + n), 2) for i, n in enumerate([7, 5, 9, 3, 12])]
+    rows = pack_examples(examples, row_len=16, pad_id=0)
+    assert all(len(r.input_ids) == len(r.labels) == len(r.position_ids) == 16 for r in rows)
+    assert sum(r.real_tokens for r in rows) == 36
+    assert len(rows) == 3  # 36 tokens cannot fit in two rows of 16
+    assert packing_efficiency(rows) == pytest.approx(36 / 48)
+    for row in rows:
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0]
+        for s in starts:
+            assert row.labels[s] == IGNORE  # a pair's first token is never a target
+
+
+def test_pack_truncates_overlong_examples():
+    rows = pack_examples([_example(range(1, 30), 3)], row_len=8, pad_id=0)
+    assert rows[0].input_ids == list(range(1, 9)) and rows[0].real_tokens == 8
+
+
+def test_chunked_loss_matches_full_logits_loss():
+    model = _tiny_llama("eager")
+    ids = torch.randint(1, 97, (2, 20))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    with torch.no_grad():
+        reference = model(input_ids=ids, labels=labels).loss
+        hidden = model.model(input_ids=ids).last_hidden_state
+        total, count = chunked_answer_loss(hidden, model.lm_head.weight, labels, chunk_tokens=7)
+    assert torch.allclose(total / count, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_packed_loss_equals_unpacked_per_pair_loss(attn):
+    model = _tiny_llama(attn)
+    a, b = _example(range(3, 14), 4), _example(range(20, 29), 3)
+    batch = collate_packed(pack_examples([a, b], row_len=24, pad_id=0))
+    # Largest first: a occupies 0..10, b 11..19, padding 20..23.
+    with torch.no_grad():
+        for start, end, ex in ((0, 11, a), (11, 20, b)):
+            packed = answer_loss(model, {**batch, "labels": _only(batch["labels"], start, end)})
+            alone = answer_loss(model, collate_packed(pack_examples([ex], row_len=len(ex.input_ids), pad_id=0)))
+            assert torch.allclose(packed, alone, atol=1e-5), (attn, start)
+
+
+def test_other_pair_changes_neither_loss_nor_gradients():
+    model = _tiny_llama("sdpa").train()
+    b = _example(range(20, 29), 3)
+
+    def loss_and_grads(a_tokens: range) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # a (11 tokens) is packed first, so b (positions 11..19) would see it without the document mask.
+        batch = collate_packed(pack_examples([_example(a_tokens, 4), b], row_len=24, pad_id=0))
+        model.zero_grad()
+        loss = answer_loss(model, {**batch, "labels": _only(batch["labels"], 11, 20)})
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss1, grads1 = loss_and_grads(range(3, 14))
+    loss2, grads2 = loss_and_grads(range(60, 71))
+    assert torch.allclose(loss1, loss2, atol=1e-6)
+    assert all(torch.allclose(g1, g2, atol=1e-6) for g1, g2 in zip(grads1, grads2, strict=True))

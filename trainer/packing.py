@@ -1,0 +1,91 @@
+"""Sequence packing: several QA pairs per fixed-length row, attention kept inside each pair.
+
+Rows carry ``position_ids`` that restart at 0 for every pair and no attention mask.
+transformers (``masking_utils.find_packed_sequence_indices``) turns restarting positions
+into a document mask, so with ``attn_implementation="flex_attention"`` no token attends
+across pairs and cross-pair blocks are skipped; padding is one more "pair" whose labels
+are ignored. Packing removes the ~40% padding of length-bucketed batches on MedQuAD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized pair: prompt + answer ids, labels IGNORE on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    real_tokens: int
+    """Tokens before the padding tail."""
+
+
+def pack_examples(examples: Sequence[Example], row_len: int, pad_id: int) -> list[PackedRow]:
+    """First-fit-decreasing bin packing into rows of exactly ``row_len`` tokens.
+
+    Examples longer than a row are truncated (their answer tail is lost, as with
+    padded truncation). Deterministic for a given input order.
+    """
+    if row_len < 2:
+        raise ValueError(f"row_len must be >= 2, got {row_len}")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    bins: list[list[Example]] = []
+    free: list[int] = []
+    for i in order:
+        ex = examples[i]
+        if len(ex.input_ids) > row_len:
+            ex = Example(ex.input_ids[:row_len], ex.labels[:row_len])
+        size = len(ex.input_ids)
+        slot = next((b for b, room in enumerate(free) if room >= size), None)
+        if slot is None:
+            bins.append([])
+            free.append(row_len)
+            slot = len(bins) - 1
+        bins[slot].append(ex)
+        free[slot] -= size
+    return [_fill_row(members, row_len, pad_id) for members in bins]
+
+
+def _fill_row(members: list[Example], row_len: int, pad_id: int) -> PackedRow:
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in members:
+        ids += ex.input_ids
+        # The first token of a pair is never a target: its left neighbour belongs to another pair.
+        labels += [IGNORE] + ex.labels[1:]
+        positions += list(range(len(ex.input_ids)))
+    pad = row_len - len(ids)
+    ids += [pad_id] * pad
+    labels += [IGNORE] * pad
+    positions += list(range(pad))
+    return PackedRow(ids, labels, positions, real_tokens=row_len - pad)
+
+
+def collate_packed(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
+    """Stack rows into a batch; no attention_mask, so the model derives the document mask."""
+    return {
+        "input_ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long),
+        "labels": torch.tensor([r.labels for r in rows], dtype=torch.long),
+        "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
+    }
+
+
+def packing_efficiency(rows: Sequence[PackedRow]) -> float:
+    """Share of row tokens that belong to a pair rather than padding."""
+    total = sum(len(r.input_ids) for r in rows)
+    return sum(r.real_tokens for r in rows) / total if total else 0.0
