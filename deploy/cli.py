@@ -1,7 +1,81 @@
-"""`medretrain` commands of the deploy stage."""
+"""`medretrain stack up|down|status`: the embedded stack of real services on 127.0.0.1.
+
+    medretrain stack up
+    medretrain stack status
+    medretrain --set stack.home=/tmp/other stack down
+"""
+
+from __future__ import annotations
 
 import typer
+
+stack_app = typer.Typer(help="The embedded stack: S3 (SeaweedFS), Kafka protocol (Tansu), MLflow, Ray head.", no_args_is_help=True)
+
+
+@stack_app.command("up")
+def up_command(ctx: typer.Context) -> None:
+    """Start every service that is not running yet and wait until all are healthy."""
+    from rich.console import Console
+
+    from deploy import stack
+    from deploy.process import ServiceError
+    from services.cli import settings_of
+
+    settings = settings_of(ctx)
+    console = Console()
+    with console.status("starting the stack") as spinner:
+
+        def progress(message: str) -> None:
+            spinner.update(message)
+            if not message.endswith("starting"):
+                console.print(f"[green]✓[/] {message}")
+
+        try:
+            stack.up(settings, progress=progress)
+        except (ServiceError, RuntimeError, FileNotFoundError) as e:
+            console.print(f"[red]✗ {e}[/]")
+            raise typer.Exit(1) from e
+    console.print(f"stack home: {settings.stack.home}")
+    _print_status(console, stack.status(settings))
+
+
+@stack_app.command("down")
+def down_command(ctx: typer.Context) -> None:
+    """Stop the services this stack started (state under the stack home is kept)."""
+    from rich.console import Console
+
+    from deploy import stack
+    from services.cli import settings_of
+
+    console = Console()
+    stopped = stack.down(settings_of(ctx), progress=lambda m: console.print(f"[green]✓[/] {m}"))
+    if not stopped:
+        console.print("nothing was running")
+
+
+@stack_app.command("status")
+def status_command(ctx: typer.Context) -> None:
+    """A table of service, URL, healthy, pid; exits 1 if any service is unhealthy."""
+    from rich.console import Console
+
+    from deploy import stack
+    from services.cli import settings_of
+
+    statuses = stack.status(settings_of(ctx))
+    _print_status(Console(), statuses)
+    if not all(s.healthy for s in statuses):
+        raise typer.Exit(1)
+
+
+def _print_status(console, statuses) -> None:
+    from rich.table import Table
+
+    table = Table("service", "URL", "healthy", "pid")
+    for s in statuses:
+        table.add_row(s.name, s.url, "[green]yes[/]" if s.healthy else "[red]no[/]", str(s.pid or "-"))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the root app."""
+    app.add_typer(stack_app, name="stack")

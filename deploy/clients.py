@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,33 @@ def use_mlflow(settings: Settings) -> None:
 
     os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+
+
+def topic_names(settings: Settings) -> tuple[str, ...]:
+    """Every topic medretrain uses."""
+    k = settings.kafka
+    return (k.events_topic, k.dlq_topic, k.requests_topic, k.status_topic)
+
+
+def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:
+    """Create the missing topics (default: all of :func:`topic_names`) with ``kafka.partitions``; returns the new ones.
+
+    Topics are always created explicitly: auto-created topics would get the broker's partition count.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    wanted = list(dict.fromkeys(topic_names(settings) if names is None else names))
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, client_id="medretrain-admin")
+    try:
+        missing = [name for name in wanted if name not in set(admin.list_topics())]
+        created = []
+        for name in missing:
+            try:
+                admin.create_topics([NewTopic(name, num_partitions=settings.kafka.partitions, replication_factor=1)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it between our listing and now
+        return created
+    finally:
+        admin.close()

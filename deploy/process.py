@@ -1,0 +1,146 @@
+"""Background processes of the embedded stack: spawn, pid files, health waits, stop.
+
+Each service runs in its own session (process group) with stdout and stderr in
+``<home>/logs/<name>.log`` and ``<pid> <create_time>`` in ``<home>/run/<name>.pid``;
+the create time guards against a recycled pid being mistaken for our service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(RuntimeError):
+    """A service failed to start or stop; the message names it and quotes its log."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one service."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to a copy of the caller's environment without its MEDRETRAIN_* variables."""
+
+
+def log_path(home: Path, name: str) -> Path:
+    return home / "logs" / f"{name}.log"
+
+
+def pid_path(home: Path, name: str) -> Path:
+    return home / "run" / f"{name}.pid"
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    """Last lines of a log, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+def running_pid(home: Path, name: str) -> int | None:
+    """The pid of our running service, or None (a stale pid file is removed)."""
+    path = pid_path(home, name)
+    try:
+        pid_text, created_text = path.read_text().split()
+        proc = psutil.Process(int(pid_text))
+        if abs(proc.create_time() - float(created_text)) < 1 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.pid
+    except (FileNotFoundError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _service_env(extra: dict[str, str]) -> dict[str, str]:
+    # Services read their config from argv/env built here; inherited MEDRETRAIN_* variables would leak the
+    # caller's settings into Ray jobs (they inherit the raylet's environment) and shadow the job's own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDRETRAIN_")}
+    env.update(extra)
+    return env
+
+
+def spawn(home: Path, name: str, launch: Launch) -> int:
+    """Start the service detached from our terminal and record its pid."""
+    logs = log_path(home, name)
+    logs.parent.mkdir(parents=True, exist_ok=True)
+    pid_path(home, name).parent.mkdir(parents=True, exist_ok=True)
+    launch.cwd.mkdir(parents=True, exist_ok=True)
+    with logs.open("ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(launch.argv)}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.Popen(
+                launch.argv,
+                cwd=launch.cwd,
+                env=_service_env(launch.env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise ServiceError(f"{name}: cannot run {launch.argv[0]}: {e}") from e
+    created = psutil.Process(proc.pid).create_time()
+    pid_path(home, name).write_text(f"{proc.pid} {created}\n")
+    return proc.pid
+
+
+def wait_healthy(home: Path, name: str, pid: int, healthy: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ``healthy`` until it holds; fail early, with the log tail, if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if healthy():
+            return
+        if running_pid(home, name) != pid:
+            raise ServiceError(_failure(home, name, "exited during start-up"))
+        time.sleep(0.5)
+    raise ServiceError(_failure(home, name, f"not healthy after {timeout_s:.0f} s"))
+
+
+def _failure(home: Path, name: str, what: str) -> str:
+    logs = log_path(home, name)
+    return f"service {name!r} {what}; log {logs}:\n{tail(logs)}"
+
+
+def stop(home: Path, name: str, timeout_s: float = 20.0) -> bool:
+    """SIGTERM the service's whole process tree, SIGKILL what is left after ``timeout_s``; True if it ran."""
+    pid = running_pid(home, name)
+    if pid is None:
+        return False
+    root = psutil.Process(pid)
+    # Collect descendants first: some (Ray workers) start their own sessions and would escape a group kill.
+    tree = [root, *root.children(recursive=True)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _signal_group(pid, sig)
+        for proc in tree:
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=timeout_s if sig == signal.SIGTERM else 5)
+        if not alive:
+            break
+        log.warning("%s: %d process(es) ignored SIGTERM, killing", name, len(alive))
+    pid_path(home, name).unlink(missing_ok=True)
+    return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,63 @@
+"""Shared test set-up: a TEST embedded stack on its own ports and state directory.
+
+The environment defaults below are set before any project import, so every
+``load_settings()`` in tests (and in subprocesses they start) points at the test stack,
+never at a developer's stack. Override any of them in the environment.
+
+    .venv/bin/pytest tests/deploy -q                       # starts the test stack if needed
+    MEDRETRAIN_TEST_KEEP_STACK=1 .venv/bin/pytest ...      # leave it running afterwards
+    .venv/bin/medretrain stack down                        # with the same MEDRETRAIN_* variables: stop it
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEST_ENV = {
+    "MEDRETRAIN_STACK__HOME": str(REPO / ".medretrain" / "test-stack"),
+    "MEDRETRAIN_STACK__S3_MASTER_PORT": "27933",
+    "MEDRETRAIN_STACK__S3_VOLUME_PORT": "27080",
+    "MEDRETRAIN_STACK__S3_FILER_PORT": "27888",
+    "MEDRETRAIN_STACK__S3_ADMIN_PORT": "27646",
+    "MEDRETRAIN_S3__ENDPOINT": "http://127.0.0.1:27333",
+    "MEDRETRAIN_KAFKA__BOOTSTRAP": "127.0.0.1:29092",
+    "MEDRETRAIN_MLFLOW__PORT": "25000",
+    "MEDRETRAIN_MLFLOW__TRACKING_URI": "http://127.0.0.1:25000",
+    "MEDRETRAIN_MLFLOW__BACKEND_STORE_URI": "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow_test",
+    "MEDRETRAIN_DATABASE__URL": "postgresql+psycopg://postgres@127.0.0.1:5432/medretrain_test",
+    "MEDRETRAIN_RAY__GCS_PORT": "26379",
+    "MEDRETRAIN_RAY__DASHBOARD_PORT": "28265",
+    "MEDRETRAIN_RAY__ADDRESS": "http://127.0.0.1:28265",
+    "MEDRETRAIN_RAY__CLIENT_SERVER_PORT": "20001",
+    "MEDRETRAIN_RAY__DASHBOARD_AGENT_PORT": "22365",
+    "MEDRETRAIN_RAY__MIN_WORKER_PORT": "45000",
+    "MEDRETRAIN_RAY__MAX_WORKER_PORT": "49999",
+    "MEDRETRAIN_STREAM__METRICS_PORT": "0",
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _key, _value in TEST_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+
+from schemas.settings import Settings, load_settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stack() -> Settings:
+    """Settings of a running test stack: reuses a healthy one, else starts it.
+
+    Stopped at the end only if this session started it and MEDRETRAIN_TEST_KEEP_STACK is not 1.
+    """
+    from deploy import stack as embedded
+
+    settings = load_settings()
+    started = embedded.up(settings)
+    yield settings
+    if started and os.environ.get("MEDRETRAIN_TEST_KEEP_STACK") != "1":
+        embedded.down(settings)
