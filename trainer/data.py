@@ -1,0 +1,142 @@
+"""Training data as pure functions: chat formatting, tokenization, replay mixing, per-rank order, collation.
+
+Nothing here knows about Ray or Lightning, so every piece is unit-tested on its own and the GPU
+fast path (packing) can swap the collator without touching the loss or the loop:
+
+    items = encode_rows(tokenizer, rows, max_length=256)
+    sampler = StepBatchSampler(len(items), rank=0, world_size=2, batch_size=4, seed=17, start=0, count=10)
+    loader = DataLoader(items, batch_sampler=sampler, collate_fn=partial(collate, pad_id=0))
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from schemas.data import QAPair
+from trainer.packing import IGNORE, Example
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = "You are a careful medical assistant. Answer the question accurately and concisely."
+"""Shared by training and the evaluator, so a model is scored in the format it was trained on."""
+
+
+def build_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
+    """Chat messages for one QA pair; without ``answer`` it is the generation prompt."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def render_pair(tokenizer, question: str, answer: str) -> tuple[str, str]:
+    """(prompt, completion) text through the tokenizer's chat template.
+
+    The completion is what the template adds after the generation prompt, so it carries the
+    template's end-of-turn marker and the model learns to stop.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; medretrain trains chat (instruct) models only")
+    prompt = tokenizer.apply_chat_template(build_messages(question), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(build_messages(question, answer), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without an answer")
+    return prompt, full[len(prompt) :]
+
+
+def encode_pair(tokenizer, pair: QAPair, max_length: int) -> Example:
+    """Tokenize prompt and completion separately (as at inference) and mask the prompt in the labels.
+
+    Too long: the prompt keeps its last tokens (the question end and the assistant header) within
+    half the budget, and the answer is cut at the end.
+    """
+    prompt, completion = render_pair(tokenizer, pair.question, pair.answer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) + len(answer_ids) > max_length:
+        prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(answer_ids)) :]
+        answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    return Example(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+
+
+def encode_rows(tokenizer, rows: Sequence[QAPair], max_length: int) -> list[tuple[int, Example]]:
+    """(row id, example) in order; the row id (position in ``rows``) travels with the batch for lineage."""
+    return [(i, encode_pair(tokenizer, row, max_length)) for i, row in enumerate(rows)]
+
+
+def collate(items: Sequence[tuple[int, Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch of (row id, example); padding is masked in attention and labels."""
+    width = max(len(e.input_ids) for _, e in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (_, e) in enumerate(items):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    row_ids = torch.tensor([row_id for row_id, _ in items], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "row_ids": row_ids}
+
+
+def sample_replay(pool: Sequence[QAPair], n_new: int, ratio: float, seed: int, floor: int) -> list[QAPair]:
+    """``ratio * n_new`` rows of ``pool`` (at least ``floor``, at most all), seeded."""
+    want = min(len(pool), max(floor, round(ratio * n_new)))
+    return random.Random(seed).sample(list(pool), want)
+
+
+def mix_rows(new_rows: Sequence[QAPair], replay: Sequence[QAPair]) -> list[QAPair]:
+    """New rows first, then replay; order does not matter since the sampler shuffles."""
+    if not new_rows and not replay:
+        raise ValueError("no training rows: the snapshot is empty and the replay sample is empty")
+    return [*new_rows, *replay]
+
+
+def eval_shard(size: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of an eval set: together they cover it, equally many per rank (the last
+    few wrap around and repeat) so every rank runs the same number of validation steps."""
+    if size == 0:
+        raise ValueError("the evaluation set is empty")
+    return [(i * world_size + rank) % size for i in range(-(-size // world_size))]
+
+
+class StepBatchSampler:
+    """Deterministic micro-batches of one rank, addressable by position.
+
+    The global order is an endless sequence of seeded permutations of the dataset (one per
+    pass). Global micro-batch ``b`` of rank ``r`` takes the items at ``(b*batch_size + j)*world_size + r``,
+    so ranks read disjoint rows within a pass. This sampler yields micro-batches
+    ``start .. start+count-1``: a resumed run passes the position stored in its checkpoint and
+    continues the same order instead of replaying the first batches.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, batch_size: int, seed: int, start: int, count: int):
+        if size < world_size * batch_size:
+            raise ValueError(
+                f"{size} rows cannot fill one micro-batch of {batch_size} on each of {world_size} ranks; "
+                "lower train.micro_batch_size or add rows"
+            )
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.batch_size, self.seed, self.start, self.count = batch_size, seed, start, count
+        self._perms: dict[int, list[int]] = {}
+
+    def _item(self, global_index: int) -> int:
+        pass_no, offset = divmod(global_index, self.size)
+        if pass_no not in self._perms:
+            self._perms = {pass_no: random.Random(self.seed * 1_000_003 + pass_no).sample(range(self.size), self.size)}
+        return self._perms[pass_no][offset]
+
+    def batch(self, position: int) -> list[int]:
+        first = position * self.batch_size
+        return [self._item((first + j) * self.world_size + self.rank) for j in range(self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for position in range(self.start, self.start + self.count):
+            yield self.batch(position)
+
+    def __len__(self) -> int:
+        return self.count
