@@ -1,0 +1,101 @@
+"""The Lightning module and data module without Ray: learning, adapter-only checkpoints, resumable data order."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from schemas.data import QAPair
+from schemas.settings import LoraSettings, TrainSettings
+from trainer.data import collate, encode_rows
+from trainer.loss import answer_loss
+from trainer.model import attach_lora, load_base
+from trainer.module import LoraFineTune, RankData, warmup_cosine
+
+ROWS = [QAPair(question=f"What causes condition {i}?", answer=f"Condition {i} is caused by factor {i * 7}.", source="t") for i in range(24)]
+CFG = TrainSettings(max_steps=6, checkpoint_every_steps=2, micro_batch_size=2, max_length=64, warmup_steps=1, lr=5e-3)
+
+
+class Record(L.Callback):
+    """Row ids per step, and a checkpoint at every epoch end (where Ray's report callback saves)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.rows = folder, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append((trainer.global_step, batch["row_ids"].tolist()))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.folder / f"step{trainer.global_step}.ckpt")
+
+
+def _fit(model_dir: Path, folder: Path, ckpt_path: Path | None = None) -> tuple[L.Trainer, Record]:
+    model, tokenizer = load_base(model_dir)
+    record = Record(folder)
+    trainer = L.Trainer(
+        max_steps=CFG.max_steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=[record],
+        reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    module = LoraFineTune(attach_lora(model, LoraSettings(r=4, alpha=8)), CFG)
+    trainer.fit(module, datamodule=RankData(ROWS, ROWS[:4], tokenizer, CFG), ckpt_path=ckpt_path)
+    return trainer, record
+
+
+def test_resume_continues_step_and_data_order(tiny_model_dir: Path, tmp_path: Path):
+    full, whole = _fit(tiny_model_dir, tmp_path / "a")
+    resumed, tail = _fit(tiny_model_dir, tmp_path / "b", ckpt_path=tmp_path / "a" / "step2.ckpt")
+    assert full.global_step == resumed.global_step == 6
+    assert tail.rows == [entry for entry in whole.rows if entry[0] >= 2]
+
+
+def test_checkpoint_holds_adapter_optimizer_scheduler_and_data_position(tiny_model_dir: Path, tmp_path: Path):
+    _fit(tiny_model_dir, tmp_path)
+    ckpt = torch.load(tmp_path / "step4.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and ckpt["global_step"] == 4
+    assert ckpt["RankData"] == {"position": 4, "world_size": 1, "rows": len(ROWS), "seed": CFG.seed}
+
+
+def test_finished_run_resumes_to_no_more_steps(tiny_model_dir: Path, tmp_path: Path):
+    _fit(tiny_model_dir, tmp_path / "a")
+    again, record = _fit(tiny_model_dir, tmp_path / "b", ckpt_path=tmp_path / "a" / "step6.ckpt")
+    assert again.global_step == 6 and record.rows == []
+
+
+def test_warmup_then_cosine_decay():
+    factor = warmup_cosine(warmup_steps=2, total_steps=10, floor=0.1)
+    assert factor(0) < factor(1) < factor(2) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(0.1) and factor(6) > factor(8)
+
+
+def _loss_drops_on_a_fixed_batch(model, tokenizer, steps: int, lr: float) -> tuple[float, float]:
+    module = LoraFineTune(model, TrainSettings(lr=lr, warmup_steps=0, max_steps=steps))
+    optimizer = module.configure_optimizers()["optimizer"]
+    batch = collate(encode_rows(tokenizer, ROWS[:2], max_length=64), pad_id=tokenizer.pad_token_id)
+    losses = []
+    for _ in range(steps):
+        loss = answer_loss(module.model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_tiny_model_loss_goes_down(tiny_model_dir: Path):
+    model, tokenizer = load_base(tiny_model_dir)
+    first, last = _loss_drops_on_a_fixed_batch(attach_lora(model, LoraSettings(r=8, alpha=16)), tokenizer, steps=8, lr=2e-2)
+    assert last < first
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_registry_smollm2_loss_goes_down(stack):
+    from trainer.registry import bootstrap, load_resolved, resolve
+
+    model, tokenizer = load_resolved(resolve(stack, bootstrap(stack)), torch.float32)
+    model = attach_lora(model, LoraSettings(r=8, alpha=16))
+    first, last = _loss_drops_on_a_fixed_batch(model, tokenizer, steps=4, lr=1e-3)
+    assert last < first - 0.05
