@@ -24,6 +24,7 @@ console = Console()
 COMMAND_MODULES = (
     "deploy.cli",
     "trainer.cli",
+    "trainer.assets_cli",
     "evaluator.cli",
     "services.stream_cli",
     "services.loop_cli",
