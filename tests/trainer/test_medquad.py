@@ -120,3 +120,21 @@ def test_shipped_file_equals_a_fresh_conversion(real_conversion: Path) -> None:
     assert SHIPPED_PATH.read_bytes() == real_conversion.read_bytes()
     with gzip.open(SHIPPED_PATH, "rt") as rows:
         assert sum(1 for _ in rows) == len(load_medquad()) == 16_407
+
+
+def test_cli_builds_and_reports_splits(tiny_medquad: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import build_app
+
+    def run(*args: str):
+        return CliRunner().invoke(build_app(), ["data", "build-medquad", *args], env={"COLUMNS": "300"})
+
+    out = tmp_path / "out"
+    result = run("--src", str(tiny_medquad), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert len(load_medquad(path=out / SHIPPED_PATH.name)) == 2
+    assert "all" in result.output and split_of("CancerGov", "0000001_1") in result.output
+
+    wrong = run("--src", str(tmp_path / "nope"))
+    assert wrong.exit_code == 2 and "not a directory" in wrong.output

@@ -35,9 +35,12 @@ def registry(stack: Settings) -> Settings:
 
 
 @pytest.mark.integration
-def test_bootstrap_registers_version_1_as_champion_once(registry: Settings, tiny_model_dir: Path) -> None:
+def test_bootstrap_cli_registers_version_1_as_champion_once(registry: Settings, tiny_model_dir: Path) -> None:
     name = registry.mlflow.registered_model
-    assert bootstrap(registry, from_path=tiny_model_dir) == "1"
+    args = ["--set", f"mlflow.registered_model={name}", "model", "bootstrap", "--from-path", str(tiny_model_dir)]
+    result = CliRunner().invoke(build_app(), args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "champion" in result.output
     client = registry_client(registry)
     version = client.get_model_version(name, "1")
     assert version.tags == {"kind": BASE, "origin": f"path:{tiny_model_dir.resolve()}"}
