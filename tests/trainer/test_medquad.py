@@ -51,7 +51,8 @@ def test_converter_keeps_answered_pairs_with_normalised_text(tiny_medquad: Path,
     assert rows == len(pairs) == 2
     first = pairs[0]
     assert (first.question, first.answer) == ("What is gout ?", "Gout is\na form of arthritis.\nIt hurts.")
-    assert (first.qtype, first.focus, first.source, first.document_id) == ("information", "Gout", "CancerGov", "0000001_1")
+    expected = ("information", "Gout", "CancerGov", "0000001_1")
+    assert (first.qtype, first.focus, first.source, first.document_id) == expected
     assert {p.split for p in pairs} == {split_of("CancerGov", "0000001_1")}
     assert load_medquad("train" if first.split != "train" else "test", path=path) == []
 
@@ -113,7 +114,7 @@ def test_real_medquad_has_16407_pairs_and_no_document_crosses_splits(real_conver
     for pair in pairs:
         splits_of_document[(pair.source, pair.document_id)].add(pair.split)
     assert all(len(splits) == 1 for splits in splits_of_document.values())
-    assert {s for splits in splits_of_document.values() for s in splits} == {"train", "validation", "test", "production"}
+    assert set().union(*splits_of_document.values()) == {"train", "validation", "test", "production"}
 
 
 def test_shipped_file_equals_a_fresh_conversion(real_conversion: Path) -> None:

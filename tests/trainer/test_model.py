@@ -26,7 +26,8 @@ def test_tiny_llama_is_safetensors_with_the_smollm2_chat_tokenizer(tiny_model_di
     model, tokenizer = load_base(tiny_model_dir)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
     assert model.dtype == torch.float32
 
