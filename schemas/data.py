@@ -23,7 +23,7 @@ class QAPair(Contract):
     qtype: str | None = None
     focus: str | None = None
     document_id: str | None = None
-    """MedQuAD document; rows of one document always share a split."""
+    """MedQuAD document id; ids repeat across collections, so a document is (source, document_id) and its rows share a split."""
     event_id: str | None = None
     """Set for production rows (snapshot exports)."""
 

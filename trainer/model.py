@@ -67,8 +67,9 @@ def convert_gguf(out_dir: Path, gguf: Path | None = None) -> Path:
 
     gguf = gguf or smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    # Without this the saved config still claims GGUF quantization and every later load fails.
-    model.hf_quantizer.remove_quantization_config(model)
+    if model.hf_quantizer is not None:
+        # Without this the saved config still claims GGUF quantization and every later load fails.
+        model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(gguf))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
