@@ -23,7 +23,8 @@ class QAPair(Contract):
     qtype: str | None = None
     focus: str | None = None
     document_id: str | None = None
-    """MedQuAD document id; ids repeat across collections, so a document is (source, document_id) and its rows share a split."""
+    """MedQuAD document id. Ids repeat across collections: a document is (source, document_id), and its rows
+    always share a split."""
     event_id: str | None = None
     """Set for production rows (snapshot exports)."""
 
