@@ -52,17 +52,26 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 def running_pid(home: Path, name: str) -> int | None:
-    """The pid of our running service, or None (a stale pid file is removed)."""
-    path = pid_path(home, name)
+    """The pid of our running service, or None.
+
+    Never deletes the pid file: readers run concurrently with ``up``, and a stale file is simply overwritten.
+    """
     try:
-        pid_text, created_text = path.read_text().split()
+        pid_text, created_text = pid_path(home, name).read_text().split()
         proc = psutil.Process(int(pid_text))
-        if abs(proc.create_time() - float(created_text)) < 1 and proc.status() != psutil.STATUS_ZOMBIE:
+        if abs(proc.create_time() - float(created_text)) < 1 and _alive(proc):
             return proc.pid
     except (FileNotFoundError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
         pass
-    path.unlink(missing_ok=True)
     return None
+
+
+def _alive(proc: psutil.Process) -> bool:
+    # This machine's init reaps orphans lazily: an exited service can linger as a zombie.
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _service_env(extra: dict[str, str]) -> dict[str, str]:
@@ -95,7 +104,10 @@ def spawn(home: Path, name: str, launch: Launch) -> int:
         except OSError as e:
             raise ServiceError(f"{name}: cannot run {launch.argv[0]}: {e}") from e
     created = psutil.Process(proc.pid).create_time()
-    pid_path(home, name).write_text(f"{proc.pid} {created}\n")
+    # Atomic, so a concurrent `stack status` never reads a half-written file.
+    tmp = pid_path(home, name).with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(f"{proc.pid} {created}\n")
+    tmp.replace(pid_path(home, name))
     return proc.pid
 
 
@@ -116,7 +128,7 @@ def _failure(home: Path, name: str, what: str) -> str:
     return f"service {name!r} {what}; log {logs}:\n{tail(logs)}"
 
 
-def stop(home: Path, name: str, timeout_s: float = 20.0) -> bool:
+def stop(home: Path, name: str, timeout_s: float = 15.0) -> bool:
     """SIGTERM the service's whole process tree, SIGKILL what is left after ``timeout_s``; True if it ran."""
     pid = running_pid(home, name)
     if pid is None:
@@ -124,19 +136,46 @@ def stop(home: Path, name: str, timeout_s: float = 20.0) -> bool:
     root = psutil.Process(pid)
     # Collect descendants first: some (Ray workers) start their own sessions and would escape a group kill.
     tree = [root, *root.children(recursive=True)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         _signal_group(pid, sig)
         for proc in tree:
             try:
                 proc.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(tree, timeout=timeout_s if sig == signal.SIGTERM else 5)
+        alive = _wait_gone(tree, wait_s)
         if not alive:
             break
-        log.warning("%s: %d process(es) ignored SIGTERM, killing", name, len(alive))
+        if sig == signal.SIGTERM:
+            log.warning("%s: %s ignored SIGTERM for %.0f s, killing", name, _names(alive), timeout_s)
     pid_path(home, name).unlink(missing_ok=True)
     return True
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited); returns those still alive."""
+    deadline = time.monotonic() + timeout_s
+    alive = procs
+    while True:
+        for proc in alive:
+            try:
+                proc.wait(timeout=0)  # reaps our own children
+            except (psutil.TimeoutExpired, psutil.NoSuchProcess, ChildProcessError):
+                pass
+        alive = [proc for proc in alive if _alive(proc)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _names(procs: list[psutil.Process]) -> str:
+    names = []
+    for proc in procs:
+        try:
+            names.append(f"{proc.name()}[{proc.pid}]")
+        except psutil.NoSuchProcess:
+            pass
+    return ", ".join(names)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -87,12 +87,16 @@ def up(settings: Settings, progress: Progress = log.info) -> list[str]:
     return started
 
 
-def down(settings: Settings, progress: Progress = log.info) -> list[str]:
-    """Stop our services in reverse start order; returns the names of those that were running."""
+def down(settings: Settings, progress: Progress = log.info, only: Iterable[str] | None = None) -> list[str]:
+    """Stop our services (all, or those named in ``only``) in reverse start order; returns those that were running."""
+    names = {s.name for s in SERVICES} if only is None else set(only)
+    unknown = names - {s.name for s in SERVICES}
+    if unknown:
+        raise ValueError(f"unknown services {sorted(unknown)}; the stack has {[s.name for s in SERVICES]}")
     stopped = []
     with _stack_lock(settings):
         for service in reversed(SERVICES):
-            if process.stop(settings.stack.home, service.name):
+            if service.name in names and process.stop(settings.stack.home, service.name):
                 stopped.append(service.name)
                 progress(f"{service.name}: stopped")
     return stopped

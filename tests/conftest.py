@@ -48,16 +48,29 @@ import pytest  # noqa: E402
 from schemas.settings import Settings, load_settings  # noqa: E402
 
 
+def _other_live_sessions(users: Path) -> list[Path]:
+    import psutil
+
+    return [lease for lease in users.iterdir() if lease.name != str(os.getpid()) and psutil.pid_exists(int(lease.name))]
+
+
 @pytest.fixture(scope="session")
 def stack() -> Settings:
     """Settings of a running test stack: reuses a healthy one, else starts it.
 
-    Stopped at the end only if this session started it and MEDRETRAIN_TEST_KEEP_STACK is not 1.
+    Parallel sessions share the stack: each holds a lease file ``run/users/<pid>``. At the end,
+    the services this session started are stopped only if no other live session holds a lease,
+    and never with MEDRETRAIN_TEST_KEEP_STACK=1.
     """
     from deploy import stack as embedded
 
     settings = load_settings()
+    users = settings.stack.home / "run" / "users"
+    users.mkdir(parents=True, exist_ok=True)
+    lease = users / str(os.getpid())
+    lease.touch()
     started = embedded.up(settings)
     yield settings
-    if started and os.environ.get("MEDRETRAIN_TEST_KEEP_STACK") != "1":
-        embedded.down(settings)
+    lease.unlink(missing_ok=True)
+    if started and os.environ.get("MEDRETRAIN_TEST_KEEP_STACK") != "1" and not _other_live_sessions(users):
+        embedded.down(settings, only=started)

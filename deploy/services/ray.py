@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from deploy.process import Launch
@@ -37,7 +38,10 @@ def launch(settings: Settings) -> Launch:
         f"--num-cpus={num_cpus(settings)}", f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
         f"--temp-dir={temp_dir(settings)}",
     ]  # fmt: skip
-    return Launch(argv=argv, cwd=settings.stack.home / "ray", env={"RAY_USAGE_STATS_ENABLED": "0"})
+    # Job entrypoints say `python ...`: put this venv first on the PATH the raylet hands to jobs.
+    venv = Path(sys.executable).parent
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(venv.parent)}
+    return Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
 
 
 def url(settings: Settings) -> str:
