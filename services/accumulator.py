@@ -114,10 +114,12 @@ def record_of(event: faust.EventT) -> SourceRecord:
 def build_app(settings: Settings) -> faust.App:
     """The faust app: one agent over the events topic, one timer for the trigger."""
     k, batching = settings.kafka, settings.stream
+    datadir = settings.stack.home / "faust" / k.accumulator_group
+    datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = faust.App(
         k.accumulator_group,  # the app id is the consumer group id
         broker=[f"kafka://{host}" for host in k.bootstrap.split(",")],
-        datadir=str(settings.stack.home / "faust" / k.accumulator_group),
+        datadir=str(datadir),
         store="memory://",
         web_enabled=False,
         key_serializer="raw",
@@ -154,6 +156,7 @@ def build_app(settings: Settings) -> faust.App:
 
 def run(settings: Settings, loglevel: str = "info") -> None:
     """Prepare topics and tables, expose metrics, then run the faust worker until stopped."""
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python (topic set-up, trigger) is chatty at INFO
     ensure_topics(settings)
     engine = make_engine(settings)
     create_schema(engine)

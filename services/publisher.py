@@ -114,14 +114,9 @@ def make_producer(settings: Settings, client_id: str = "medretrain-publisher", *
     """kafka-python producer that waits for every in-sync replica (acks=all) and retries."""
     from kafka import KafkaProducer
 
-    return KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap.split(","),
-        client_id=client_id,
-        acks="all",
-        linger_ms=5,
-        max_request_size=settings.kafka.max_message_bytes + 4096,
-        **config,
-    )
+    defaults = {"linger_ms": 5, "max_request_size": settings.kafka.max_message_bytes + 4096}
+    return KafkaProducer(bootstrap_servers=settings.kafka.bootstrap.split(","), client_id=client_id, acks="all",
+                         **(defaults | config))
 
 
 class _Pacer:
@@ -174,6 +169,6 @@ def publish(
     finally:
         producer.close()
     summary.sent, summary.seconds = acked["ok"], time.perf_counter() - started
-    log.info("published %d events (%d rejected, %d failed) in %.1fs", summary.sent, summary.rejected,
+    log.debug("published %d events (%d rejected, %d failed) in %.1fs", summary.sent, summary.rejected,
              summary.failed, summary.seconds)
     return summary

@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import getpass
-import sys
-from pathlib import Path
-from typing import Literal
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal, TextIO
 
 import typer
 
@@ -28,7 +29,25 @@ def serve_group(app: typer.Typer) -> typer.Typer:
     return serve
 
 
-def _records(file: str | None, fmt: str | None, medquad_sample: int | None, seed: int):
+@contextmanager
+def _clear_errors(settings) -> Iterator[None]:
+    """Broker and S3 trouble ends the command with one line naming the endpoint, not a traceback."""
+    from botocore.exceptions import BotoCoreError
+    from kafka.errors import KafkaError
+
+    from services.snapshot import SnapshotWriteError
+
+    try:
+        yield
+    except KafkaError as e:
+        console.print(f"[red]broker {settings.kafka.bootstrap} failed[/]: {e}")
+        raise typer.Exit(2) from e
+    except (SnapshotWriteError, BotoCoreError) as e:
+        console.print(f"[red]S3 {settings.s3.endpoint} failed[/]: {e}")
+        raise typer.Exit(2) from e
+
+
+def _records(file: TextIO | None, fmt: str | None, medquad_sample: int | None, seed: int):
     """The records to publish and how many there are when known (for the progress bar)."""
     from services import publisher
 
@@ -39,17 +58,13 @@ def _records(file: str | None, fmt: str | None, medquad_sample: int | None, seed
         return events, len(events)
     if file is None:
         raise typer.BadParameter("give a FILE (or - for stdin) or --medquad-sample N")
-    fmt = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
-    if file != "-" and not Path(file).is_file():
-        raise typer.BadParameter(f"{file} does not exist")
-    stream = sys.stdin if file == "-" else open(file, encoding="utf-8", newline="")  # noqa: SIM115 (closed at exit)
-    records = publisher.read_csv(stream) if fmt == "csv" else publisher.read_jsonl(stream)
-    return records, None
+    fmt = fmt or ("csv" if str(file.name).lower().endswith(".csv") else "jsonl")
+    return (publisher.read_csv(file) if fmt == "csv" else publisher.read_jsonl(file)), None
 
 
 def publish(
     ctx: typer.Context,
-    file: str | None = typer.Argument(None, help="JSONL or CSV file of QA events; - reads stdin"),
+    file: typer.FileText | None = typer.Argument(None, help="JSONL or CSV file of QA events; - reads stdin"),
     fmt: Literal["jsonl", "csv"] | None = typer.Option(None, "--format", help="Default: from the file extension"),
     medquad_sample: int | None = typer.Option(None, "--medquad-sample", min=1, help="Publish N MedQuAD production pairs"),
     seed: int = typer.Option(0, "--seed", help="Sampling seed for --medquad-sample"),
@@ -62,10 +77,11 @@ def publish(
     from services import publisher
 
     settings = settings_of(ctx)
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
     records, total = _records(file, fmt, medquad_sample, seed)
-    ensure_topics(settings)
     columns = (TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with _clear_errors(settings), Progress(*columns, console=console, transient=True) as progress:
+        ensure_topics(settings)
         task = progress.add_task("publish", total=total)
         summary = publisher.publish(
             settings, records, rate=rate,
@@ -106,8 +122,9 @@ def retrain(
         overrides = parse_overrides(override)
         engine = make_engine(settings)
         create_schema(engine)
-        ensure_topics(settings)
-        request = emit_manual(settings, reason, overrides, getpass.getuser(), engine=engine)
+        with _clear_errors(settings):
+            ensure_topics(settings)
+            request = emit_manual(settings, reason, overrides, getpass.getuser(), engine=engine)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     console.print(f"retrain request [bold]{request.request_id}[/] (watermark {request.watermark}, "

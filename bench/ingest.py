@@ -1,0 +1,129 @@
+"""Ingest benchmark: events/s from the broker into PostgreSQL end to end, against raw kafka-python consumption.
+
+    .venv/bin/python bench/ingest.py                       # 20,000 events, JSON to stdout and bench/results/ingest.json
+    .venv/bin/python bench/ingest.py --events 50000 --batch-size 500 --out /tmp/ingest.json
+
+Runs against the stack the settings name (``MEDRETRAIN_*`` env, e.g. the test stack's), on fresh
+topics, consumer group and database that are dropped afterwards. Both rates are steady-state:
+first record to last record (raw) and first stored row to last stored row (end to end: the
+real ``medretrain serve accumulator`` process: validate, insert with ON CONFLICT, commit,
+then offset commit), so the worker's group join is reported apart as ``accumulator_startup_s``.
+Goal: end to end >= 50% of raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "services")]  # the test helpers that isolate topics and database
+
+from stream_events import build_event  # noqa: E402
+from stream_stack import close_env, open_env, start_accumulator, stop, stored_count  # noqa: E402
+
+from schemas.settings import load_settings  # noqa: E402
+from services.publisher import publish  # noqa: E402
+
+log = logging.getLogger("bench.ingest")
+
+
+def raw_consume_rate(settings, n: int) -> float:
+    """kafka-python reading the same records (no decoding, no storage): records per second."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    topic = settings.kafka.events_topic
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None, enable_auto_commit=False,
+                             consumer_timeout_ms=30_000)
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    seen, first = 0, None
+    for _ in consumer:
+        seen += 1
+        first = first or time.perf_counter()
+        if seen == n:
+            break
+    elapsed = time.perf_counter() - first
+    consumer.close()
+    if seen != n:
+        raise RuntimeError(f"raw consumer saw {seen} of {n} records")
+    return (n - 1) / elapsed
+
+
+def end_to_end_rate(env, n: int, log_path: Path) -> tuple[float, float]:
+    """(rows stored per second after the first, seconds from process start to the first stored row)."""
+    engine = env.engine()
+    started = time.perf_counter()
+    accumulator = start_accumulator(env, log_path)
+    try:
+        first_at, first_count = None, 0
+        while True:
+            count = stored_count(engine)
+            now = time.perf_counter()
+            if first_at is None and count:
+                first_at, first_count = now, count
+            if count >= n:
+                break
+            if accumulator.poll() is not None or now - started > 600:
+                raise RuntimeError(f"accumulator stopped or stalled at {count}/{n} rows; log {log_path}")
+            time.sleep(0.02)
+    finally:
+        stop(accumulator)
+        engine.dispose()
+    return (n - first_count) / (now - first_at), first_at - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=None, help="stream.batch_size (default: settings)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+    extra = {"trigger.threshold": 10**9, "stream.metrics_port": 0}
+    if args.batch_size:
+        extra["stream.batch_size"] = args.batch_size
+    env = open_env(load_settings(), extra)
+    try:
+        sent = publish(env.settings, (build_event(i) for i in range(args.events)))
+        if sent.sent != args.events:
+            raise RuntimeError(f"published {sent.sent} of {args.events} events: {sent.errors[:3]}")
+        log.info("published %d events at %.0f/s", sent.sent, sent.per_second)
+        raw = raw_consume_rate(env.settings, args.events)
+        log.info("raw kafka-python consume: %.0f records/s", raw)
+        e2e, startup = end_to_end_rate(env, args.events, args.out.with_suffix(".accumulator.log"))
+        log.info("end to end into PostgreSQL: %.0f events/s", e2e)
+    finally:
+        close_env(env)
+    result = {
+        "benchmark": "ingest",
+        "events": args.events,
+        "partitions": env.settings.kafka.partitions,
+        "batch_size": env.settings.stream.batch_size,
+        "publish_events_per_s": round(sent.per_second, 1),
+        "raw_consume_records_per_s": round(raw, 1),
+        "end_to_end_events_per_s": round(e2e, 1),
+        "ratio_to_raw": round(e2e / raw, 3),
+        "goal_ratio": 0.5,
+        "goal_met": e2e / raw >= 0.5,
+        "accumulator_startup_s": round(startup, 1),
+        "database": env.settings.database.url.split("+")[0],
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
