@@ -1,0 +1,252 @@
+"""Evaluator stage: score a candidate adapter against the champion, decide, record, report, promote.
+
+    medretrain evaluate --run <mlflow run id>                 # CLI
+    verdict = evaluator.run(settings, trained_adapter)        # from the retrain pipeline
+
+Both models are scored on the same rows: a seeded sample of the MedQuAD test split (documents
+never trained on) and, when the candidate's lineage names a snapshot, that snapshot's production
+evaluation slice. The decision (every rule, threshold, value and verdict) is written to the
+candidate's run as ``decision.json`` plus tags; promotion then acts on that Verdict only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evaluator import gate, inference, scoring
+from schemas.artifacts import Lineage, TrainedAdapter, Verdict
+from schemas.data import QAPair
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_TAG_PREFIX = "medretrain.gate"
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set: rows for the teacher-forced loss and the (smaller) generation sample."""
+
+    name: str
+    loss_rows: list[QAPair]
+    sample: list[QAPair]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's metrics (``<set>.<metric>``) and its generated answers per set."""
+
+    metrics: dict[str, float]
+    answers: dict[str, list[str]]
+
+
+def build_eval_set(name: str, rows: Sequence[QAPair], settings: Settings) -> EvalSet:
+    """A seeded order of ``rows``; loss rows and the generation sample are prefixes of it."""
+    if not rows:
+        raise ValueError(f"evaluation set {name!r} is empty")
+    order = random.Random(settings.evaluate.seed).sample(list(rows), len(rows))
+    loss_rows = order[: settings.evaluate.loss_rows] if settings.evaluate.loss_rows else order
+    return EvalSet(name, loss_rows, order[: settings.evaluate.sample_size])
+
+
+def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
+    """MedQuAD test split always; the snapshot's production slice when there is one with rows."""
+    from trainer.medquad import load_medquad
+
+    sets = [build_eval_set("medquad", load_medquad("test"), settings)]
+    if not lineage.snapshot_id:
+        log.warning("candidate has no snapshot: no production slice, production rules follow their on_missing")
+        return sets
+    from trainer.snapshots import read_snapshot
+
+    _, _, production = read_snapshot(settings, lineage.snapshot_id)
+    if production:
+        sets.append(build_eval_set("production", production, settings))
+    else:
+        log.warning("snapshot %s has an empty evaluation slice: production rules follow their on_missing", lineage.snapshot_id)
+    return sets
+
+
+def measure(model, tokenizer, sets: Sequence[EvalSet], settings: Settings, label: str) -> Measurement:
+    """Loss, perplexity and generation metrics of one model on every set."""
+    metrics: dict[str, float] = {}
+    answers: dict[str, list[str]] = {}
+    ev = settings.evaluate
+    for s in sets:
+        tag = f"{label}/{s.name}"
+        scores = inference.answer_loss(model, tokenizer, s.loss_rows, settings.train.max_length, ev.batch_size, tag)
+        questions = [row.question for row in s.sample]
+        answers[s.name] = inference.generate_answers(model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, tag)
+        scores |= scoring.score_answers(answers[s.name], [row.answer for row in s.sample])
+        metrics |= {f"{s.name}.{key}": value for key, value in scores.items()}
+    return Measurement(metrics, answers)
+
+
+def _measure_resolved(resolved, sets: Sequence[EvalSet], settings: Settings, label: str) -> Measurement:
+    from trainer.registry import load_resolved
+
+    model, tokenizer = load_resolved(resolved, torch.float32)
+    return measure(model, tokenizer, sets, settings, label)  # the model is freed on return: one in memory at a time
+
+
+def measure_candidate(settings: Settings, candidate: TrainedAdapter, sets: Sequence[EvalSet]) -> Measurement:
+    """Download the run's adapter, put it on its base version, and measure it."""
+    import mlflow
+
+    from trainer.registry import ResolvedModel, registry_client, resolve
+    from trainer.tracking import BASE_VERSION_TAG
+
+    tags = registry_client(settings).get_run(candidate.run_id).data.tags
+    base_version = tags.get(BASE_VERSION_TAG)
+    if not base_version:
+        raise ValueError(f"run {candidate.run_id} has no {BASE_VERSION_TAG} tag: is it a medretrain training run?")
+    base = resolve(settings, base_version)
+    with tempfile.TemporaryDirectory(prefix="medretrain-candidate-") as tmp:
+        adapter_dir = mlflow.artifacts.download_artifacts(
+            run_id=candidate.run_id, artifact_path=candidate.artifact_path, dst_path=tmp
+        )
+        resolved = ResolvedModel(
+            name=base.name,
+            version=f"run:{candidate.run_id}",
+            base_version=base.version,
+            base_dir=base.base_dir,
+            adapter_dir=Path(adapter_dir),
+            origin=base.origin,
+        )
+        return _measure_resolved(resolved, sets, settings, "candidate")
+
+
+def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[Verdict, dict]:
+    """Measure champion and candidate on the same sets and apply the gate; returns (verdict, samples)."""
+    from trainer.registry import resolve
+
+    rules = gate.load_rules(settings.evaluate.gate_rules)  # a bad rules file fails before minutes of scoring
+    sets = build_eval_sets(settings, candidate.lineage)
+    champion = resolve(settings, "champion")
+    log.info("scoring champion (version %s) and candidate run %s", champion.version, candidate.run_id)
+    baseline = _measure_resolved(champion, sets, settings, f"champion v{champion.version}")
+    challenger = measure_candidate(settings, candidate, sets)
+    passed, results = gate.decide(rules, challenger.metrics, baseline.metrics)
+    verdict = Verdict(
+        candidate_run_id=candidate.run_id,
+        baseline_version=champion.version,
+        passed=passed,
+        rules=results,
+        metrics={"candidate": challenger.metrics, "baseline": baseline.metrics},
+    )
+    return verdict, sample_records(sets, baseline, challenger)
+
+
+def sample_records(sets: Sequence[EvalSet], baseline: Measurement, candidate: Measurement) -> dict:
+    """Per set: question, reference, champion answer and candidate answer side by side."""
+    return {
+        s.name: [
+            {"question": row.question, "reference": row.answer, "champion": champ, "candidate": cand}
+            for row, champ, cand in zip(s.sample, baseline.answers[s.name], candidate.answers[s.name])
+        ]
+        for s in sets
+    }
+
+
+def decision_tags(verdict: Verdict) -> dict[str, str]:
+    """Run tags of the decision: the verdict, the baseline, and one tag per rule with value and threshold."""
+    tags = {
+        f"{RUN_TAG_PREFIX}.passed": str(verdict.passed).lower(),
+        f"{RUN_TAG_PREFIX}.baseline_version": verdict.baseline_version or "",
+        f"{RUN_TAG_PREFIX}.decided_at": verdict.decided_at.isoformat(),
+        f"{RUN_TAG_PREFIX}.reasons": "; ".join(f"{r.name}: {r.detail}" for r in verdict.rules if not r.passed)[:4900],
+    }
+    for r in verdict.rules:
+        value = "missing" if r.value is None else f"{r.value:.6g}"
+        tags[f"{RUN_TAG_PREFIX}.rule.{r.name}"] = (
+            f"{'pass' if r.passed else 'FAIL'} {r.metric}={value} {r.op} {r.threshold:g}"
+        )
+    return tags
+
+
+def record_decision(settings: Settings, verdict: Verdict, samples: dict) -> None:
+    """``decision.json`` and ``eval/samples.json`` artifacts, decision tags and eval metrics on the candidate run."""
+    from mlflow.entities import Metric, RunTag
+
+    from trainer.registry import registry_client
+    from trainer.tracking import log_json
+
+    run_id = verdict.candidate_run_id
+    log_json(settings, run_id, "decision.json", verdict.model_dump(mode="json"))
+    log_json(settings, run_id, "samples.json", samples, artifact_path="eval")
+    stamp = int(verdict.decided_at.timestamp() * 1000)
+    metrics = [
+        Metric(f"eval.{side}.{key}", value, stamp, 0)
+        for side, values in verdict.metrics.items()
+        for key, value in values.items()
+    ]
+    tags = [RunTag(k, v) for k, v in decision_tags(verdict).items()]
+    registry_client(settings).log_batch(run_id, metrics=metrics, tags=tags)
+
+
+def read_decision(settings: Settings, run_id: str) -> tuple[Verdict, dict]:
+    """(verdict, sample answers) recorded on a candidate run by :func:`record_decision`."""
+    import json
+
+    import mlflow
+
+    from deploy.clients import use_mlflow
+
+    use_mlflow(settings)
+    verdict = Verdict.model_validate_json(mlflow.artifacts.load_text(f"runs:/{run_id}/decision.json"))
+    return verdict, json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/eval/samples.json"))
+
+
+def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:
+    """Rebuild the trainer's TrainedAdapter from a finished training run (``evaluate --run``)."""
+    from trainer.registry import registry_client
+
+    try:
+        run = registry_client(settings).get_run(run_id)
+    except Exception as e:
+        raise LookupError(f"no MLflow run {run_id!r} on {settings.mlflow.tracking_uri}") from e
+    tags, metrics = run.data.tags, run.data.metrics
+    if "lineage.request_id" not in tags:
+        raise ValueError(f"run {run_id} has no lineage tags: it is not a medretrain training run")
+    offsets = dict(pair.split("=", 1) for pair in tags.get("lineage.kafka_offsets", "").split(",") if pair)
+    lineage = Lineage(
+        request_id=tags["lineage.request_id"],
+        snapshot_id=tags.get("lineage.snapshot_id") or None,
+        kafka_offsets={k: int(v) for k, v in offsets.items()},
+        parent_version=tags.get("lineage.parent_version") or None,
+        base_model=tags.get("lineage.base_model", ""),
+        run_id=run_id,
+    )
+    ended = run.info.end_time or run.info.start_time
+    return TrainedAdapter(
+        run_id=run_id,
+        lineage=lineage,
+        steps=int(metrics.get("step", 0)),
+        train_loss=metrics.get("train_loss"),
+        val_loss=metrics.get("val_loss"),
+        wall_s=(ended - run.info.start_time) / 1000,
+    )
+
+
+def run(settings: Settings, candidate: TrainedAdapter) -> Verdict:
+    """The whole stage: evaluate, record the decision, log the report, then register/promote per the verdict."""
+    from evaluator import promotion, report
+
+    verdict, samples = evaluate_candidate(settings, candidate)
+    record_decision(settings, verdict, samples)
+    report.log_report(settings, verdict, samples)
+    version = promotion.apply_verdict(settings, verdict)
+    log.info(
+        "run %s %s the gate; version %s",
+        candidate.run_id,
+        "passed" if verdict.passed else "failed",
+        version,
+    )
+    return verdict
