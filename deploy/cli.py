@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 stack_app = typer.Typer(help="The embedded stack: S3 (SeaweedFS), Kafka protocol (Tansu), MLflow, Ray head.", no_args_is_help=True)
@@ -23,6 +25,8 @@ def up_command(ctx: typer.Context) -> None:
 
     settings = settings_of(ctx)
     console = Console()
+    # kafka-python logs every connection at INFO; the progress lines say what matters here.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     with console.status("starting the stack") as spinner:
 
         def progress(message: str) -> None:
@@ -65,6 +69,39 @@ def status_command(ctx: typer.Context) -> None:
     _print_status(Console(), statuses)
     if not all(s.healthy for s in statuses):
         raise typer.Exit(1)
+
+
+@stack_app.command("check")
+def check_command(ctx: typer.Context) -> None:
+    """Probe every configured endpoint (Kafka, S3, MLflow, Ray, database), wherever it runs; exits 1 on failure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from deploy.probe import check
+    from services.cli import settings_of
+
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    results = check(settings_of(ctx))
+    table = Table("endpoint", "URL", "reachable", "detail")
+    for r in results:
+        table.add_row(r.name, r.url, "[green]yes[/]" if r.ok else "[red]no[/]", r.detail)
+    Console().print(table)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@stack_app.command("topics")
+def topics_command(ctx: typer.Context) -> None:
+    """Create medretrain's Kafka topics with the configured partitions (idempotent)."""
+    from rich.console import Console
+
+    from deploy.clients import ensure_topics, topic_names
+    from services.cli import settings_of
+
+    settings = settings_of(ctx)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    created = ensure_topics(settings)
+    Console().print(f"topics {', '.join(topic_names(settings))}: created {created or 'none (all existed)'}")
 
 
 def _print_status(console, statuses) -> None:

@@ -48,7 +48,7 @@ def healthy(settings: Settings) -> bool:
     from kafka.errors import KafkaError
 
     try:
-        consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=5000)
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=5000, enable_auto_commit=False)
         try:
             consumer.topics()
             return True

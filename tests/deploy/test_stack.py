@@ -200,3 +200,24 @@ def test_services_bind_to_configured_host(stack: Settings) -> None:
         listening = [c.laddr for p in tree for c in p.net_connections(kind="tcp") if c.status == "LISTEN"]
         assert listening and all(addr.ip == stack.stack.host for addr in listening), (s.name, listening)
     assert host_port(stack.ray.address)[0] == stack.stack.host and ours
+
+
+def test_cli_status_prints_table(stack: Settings) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import build_app
+
+    result = CliRunner().invoke(build_app(), ["stack", "status"])
+    assert result.exit_code == 0, result.output
+    for s in embedded.status(stack):
+        assert s.name in result.output and str(s.pid) in result.output
+    assert stack.mlflow.tracking_uri in result.output
+
+
+def test_foreign_service_on_our_port_is_a_clear_error(stack: Settings, tmp_path) -> None:
+    from deploy.process import ServiceError
+
+    # Another stack home with the same ports: the S3 port is served, but not by a process of that stack.
+    other = stack.model_copy(update={"stack": stack.stack.model_copy(update={"home": tmp_path / "other"})})
+    with pytest.raises(ServiceError, match=r"service 's3': .* already served by a process this stack did not start"):
+        embedded.up(other)

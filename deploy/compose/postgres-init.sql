@@ -1,0 +1,2 @@
+-- Runs once, on an empty data volume: the medretrain store's database is POSTGRES_DB, MLflow gets its own.
+CREATE DATABASE mlflow;
