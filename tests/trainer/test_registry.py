@@ -1,6 +1,8 @@
 """Registry conventions on the real embedded MLflow: bootstrap, idempotence, resolve, adapters on top of a base."""
 
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,11 @@ def test_bootstrap_cli_rejects_a_wrong_path_before_touching_the_registry(tmp_pat
 
 
 @pytest.fixture
-def registry(stack: Settings) -> Settings:
-    """Settings with a registered model name of this test alone."""
-    return with_overrides(stack, {"mlflow": {"registered_model": f"test-medqa-{uuid.uuid4().hex[:10]}"}})
+def registry(stack: Settings) -> Iterator[Settings]:
+    """Settings with a registered model name of this test alone; its local download cache goes afterwards."""
+    settings = with_overrides(stack, {"mlflow": {"registered_model": f"test-medqa-{uuid.uuid4().hex[:10]}"}})
+    yield settings
+    shutil.rmtree(settings.stack.home / "models" / settings.mlflow.registered_model, ignore_errors=True)
 
 
 @pytest.mark.integration
