@@ -40,7 +40,13 @@ def launch(settings: Settings) -> Launch:
     ]  # fmt: skip
     # Job entrypoints say `python ...`: put this venv first on the PATH the raylet hands to jobs.
     venv = Path(sys.executable).parent
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(venv.parent)}
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(venv.parent),
+    }
     return Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
 
 
