@@ -20,7 +20,7 @@ def _jsonl(rows: list[QAPair]) -> bytes:
     return "".join(row.model_dump_json() + "\n" for row in rows).encode()
 
 
-def _upload(settings, files: dict[str, bytes], manifest_files: dict[str, str] | None = None, with_manifest=True) -> str:
+def upload_snapshot(settings, files: dict[str, bytes], manifest_files: dict[str, str] | None = None, with_manifest=True) -> str:
     snapshot_id = f"snap-test-{uuid.uuid4().hex[:12]}"
     s3, bucket, prefix = boto3_s3(settings), settings.s3.datasets_bucket, snapshot_prefix(snapshot_id)
     for name, data in files.items():
@@ -37,14 +37,14 @@ def _upload(settings, files: dict[str, bytes], manifest_files: dict[str, str] | 
 
 
 def test_reads_rows_and_manifest(stack):
-    snapshot_id = _upload(stack, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)})
+    snapshot_id = upload_snapshot(stack, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)})
     manifest, train, eval_rows = read_snapshot(stack, snapshot_id)
     assert manifest.kafka_offsets == {"qa.events:0": 4}
     assert train == TRAIN and eval_rows == EVAL
 
 
 def test_folder_without_manifest_is_refused(stack):
-    snapshot_id = _upload(stack, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)}, with_manifest=False)
+    snapshot_id = upload_snapshot(stack, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)}, with_manifest=False)
     with pytest.raises(SnapshotError, match="no manifest.json"):
         read_snapshot(stack, snapshot_id)
 
@@ -52,13 +52,13 @@ def test_folder_without_manifest_is_refused(stack):
 def test_checksum_mismatch_is_refused(stack):
     files = {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)}
     wrong = {"train.jsonl": hashlib.sha256(b"other").hexdigest(), "eval.jsonl": hashlib.sha256(files["eval.jsonl"]).hexdigest()}
-    snapshot_id = _upload(stack, files, manifest_files=wrong)
+    snapshot_id = upload_snapshot(stack, files, manifest_files=wrong)
     with pytest.raises(SnapshotError, match="train.jsonl .* sha256"):
         read_snapshot(stack, snapshot_id)
 
 
 def test_bad_row_names_its_line(stack):
     bad = _jsonl(TRAIN[:1]) + b'{"question": "no answer"}\n'
-    snapshot_id = _upload(stack, {"train.jsonl": bad, "eval.jsonl": _jsonl(EVAL)})
+    snapshot_id = upload_snapshot(stack, {"train.jsonl": bad, "eval.jsonl": _jsonl(EVAL)})
     with pytest.raises(SnapshotError, match="train.jsonl line 2"):
         read_snapshot(stack, snapshot_id)

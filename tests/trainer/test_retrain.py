@@ -1,0 +1,95 @@
+"""The real distributed path on CPU: Ray Train (2 gloo workers) + Lightning + S3 checkpoints + MLflow.
+
+Slow (a Ray run takes about a minute here): run with ``pytest tests/trainer/test_retrain.py -x -q``.
+"""
+
+import json
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+from test_snapshots import EVAL, TRAIN, upload_snapshot, _jsonl
+
+from deploy.clients import boto3_s3
+from schemas.events import RetrainRequest
+from schemas.settings import with_overrides
+from trainer import tracking
+from trainer.registry import bootstrap
+from trainer.retrain import run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY_TRAIN = {
+    "num_workers": 2, "max_steps": 4, "checkpoint_every_steps": 2, "micro_batch_size": 2, "max_length": 64,
+    "val_rows": 4, "replay_min_rows": 16, "replay_ratio": 2.0, "warmup_steps": 1, "lora": {"r": 4, "alpha": 8},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def settings(stack, tiny_model_dir):
+    """The stack with a registered model of its own whose champion is the tiny base."""
+    settings = with_overrides(stack, {"mlflow": {"registered_model": f"t-retrain-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN})
+    bootstrap(settings, from_path=tiny_model_dir)
+    return settings
+
+
+def _request(**overrides) -> RetrainRequest:
+    return RetrainRequest(request_id=f"rr-test-{uuid.uuid4().hex[:10]}", reason="manual", watermark=0, overrides=overrides)
+
+
+def _steps_logged(settings, run_id: str) -> list[int]:
+    return sorted(int(m.value) for m in MlflowClient(settings.mlflow.tracking_uri).get_metric_history(run_id, "step"))
+
+
+def _checkpoint_keys(settings, request_id: str) -> list[str]:
+    listing = boto3_s3(settings).list_objects_v2(Bucket=settings.s3.checkpoints_bucket, Prefix=f"ray/{request_id}/")
+    return [obj["Key"] for obj in listing.get("Contents", [])]
+
+
+def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
+    snapshot_id = upload_snapshot(settings, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)})
+    request = _request(train={"keep_checkpoints": 1}).model_copy(update={"snapshot_id": snapshot_id})
+    adapter = run(settings, request)
+
+    assert adapter.steps == 4 and adapter.train_loss is not None and adapter.val_loss is not None
+    assert adapter.lineage.snapshot_id == snapshot_id and adapter.lineage.parent_version == "1"
+    assert adapter.lineage.kafka_offsets == {"qa.events:0": 4}
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    mlflow_run = client.get_run(adapter.run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags[tracking.REQUEST_TAG] == request.request_id
+    assert mlflow_run.data.tags["lineage.snapshot_id"] == snapshot_id
+    assert mlflow_run.data.params["lora_r"] == "4" and mlflow_run.data.params["num_gpus"] == "0"
+    assert {"tokens_per_s", "time_per_iter", "peak_memory_mb", "lr", "val_loss"} <= set(mlflow_run.data.metrics)
+    files = {a.path for a in client.list_artifacts(adapter.run_id, "adapter")}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= files
+    assert json.loads(open(client.download_artifacts(adapter.run_id, "train_config.json")).read())["train"]["max_steps"] == 4
+
+    rows = json.loads(open(client.download_artifacts(adapter.run_id, "data/rows_by_rank.json")).read())
+    assert set(rows) == {"0", "1"} and rows["0"] and not set(rows["0"]) & set(rows["1"])
+    keys = _checkpoint_keys(settings, request.request_id)
+    assert any(k.endswith("checkpoint.ckpt") for k in keys)
+    assert len({k.split("/")[2] for k in keys if k.count("/") >= 3}) == 1  # keep_checkpoints pruned the first
+
+
+def test_worker_failure_resumes_from_the_last_checkpoint(settings):
+    adapter = run(settings, _request(train={"fault_at_step": 3}))
+    # Steps 1-3 ran, rank 1 failed after step 3; the restarted group resumed from the step-2 checkpoint.
+    assert adapter.steps == 4
+    assert _steps_logged(settings, adapter.run_id) == [1, 2, 3, 3, 4]
+
+
+def test_resubmitting_an_interrupted_or_finished_request_resumes(settings):
+    request = _request(train={"fault_at_step": 3, "max_failures": 0})
+    with pytest.raises(Exception, match="injected fault"):
+        run(settings, request)
+    run_id = tracking.find_run(settings, tracking.REQUEST_TAG, request.request_id, kind="retrain")
+    assert MlflowClient(settings.mlflow.tracking_uri).get_run(run_id).info.status == "FAILED"
+
+    resumed = run(settings, request)
+    assert resumed.run_id == run_id and resumed.steps == 4
+    assert _steps_logged(settings, run_id) == [1, 2, 3, 3, 4]
+
+    again = run(settings, request)
+    assert again.run_id == run_id and again.steps == 4
+    assert _steps_logged(settings, run_id) == [1, 2, 3, 3, 4]
