@@ -1,11 +1,11 @@
 """`medretrain` commands of the evaluator stage.
 
-    medretrain evaluate --run <run_id>                 # score vs champion, gate, report, register/promote
-    medretrain registry review [--version V]           # champion vs challenger, sample answers, report link
-    medretrain registry promote V [--force --reason ...]
-    medretrain registry reject V --reason ...
-    medretrain registry rollback [--reason ...]
-    medretrain registry history
+medretrain evaluate --run <run_id>                 # score vs champion, gate, report, register/promote
+medretrain registry review [--version V]           # champion vs challenger, sample answers, report link
+medretrain registry promote V [--force --reason ...]
+medretrain registry reject V --reason ...
+medretrain registry rollback [--reason ...]
+medretrain registry history
 """
 
 from __future__ import annotations
@@ -34,7 +34,19 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
-def evaluate_command(ctx: typer.Context, run_id: str = typer.Option(..., "--run", help="MLflow run id of a training run")) -> None:
+def _act(action, *args):
+    """Run a registry action; refusals (failed gate, missing reason, no earlier champion) exit 1 with the reason."""
+    from evaluator.promotion import RegistryError
+
+    try:
+        return action(*args)
+    except (RegistryError, ValueError) as e:
+        raise _fail(e) from e
+
+
+def evaluate_command(
+    ctx: typer.Context, run_id: str = typer.Option(..., "--run", help="MLflow run id of a training run")
+) -> None:
     """Evaluate a trained adapter against the champion, record the decision and register it."""
     from evaluator.evaluate import candidate_from_run, run
     from evaluator.report import report_link
@@ -46,7 +58,9 @@ def evaluate_command(ctx: typer.Context, run_id: str = typer.Option(..., "--run"
         raise _fail(e) from e
     _print_rules(verdict)
     colour = "green" if verdict.passed else "red"
-    console.print(f"[{colour}]gate {'passed' if verdict.passed else 'failed'}[/{colour}]; report: {report_link(settings, run_id)}")
+    console.print(
+        f"[{colour}]gate {'passed' if verdict.passed else 'failed'}[/{colour}]; report: {report_link(settings, run_id)}"
+    )
 
 
 def _print_rules(verdict) -> None:
@@ -71,7 +85,10 @@ def _print_metrics(verdict, champion: str | None, challenger: str) -> None:
         table.add_row(key, "missing" if b is None else f"{b:.4g}", f"{cand[key]:.4g}", delta)
     console.print(table)
     if champion != verdict.baseline_version:
-        console.print(f"[yellow]note: the champion is now v{champion}, not the v{verdict.baseline_version} it was judged against[/yellow]")
+        judged = verdict.baseline_version
+        console.print(
+            f"[yellow]note: the champion is now v{champion}, not the v{judged} it was judged against[/yellow]"
+        )
 
 
 def _print_samples(samples: dict, shown: int) -> None:
@@ -80,7 +97,9 @@ def _print_samples(samples: dict, shown: int) -> None:
         for column in ("question", "champion", "challenger"):
             table.add_column(column, overflow="fold", ratio=1)
         for row in rows[:shown]:
-            table.add_row(row["question"], row["champion"] or "[dim](empty)[/dim]", row["candidate"] or "[dim](empty)[/dim]")
+            table.add_row(
+                row["question"], row["champion"] or "[dim](empty)[/dim]", row["candidate"] or "[dim](empty)[/dim]"
+            )
         console.print(table)
 
 
@@ -122,10 +141,7 @@ def promote_command(
     """Make a version the champion."""
     from evaluator import promotion
 
-    try:
-        action = promotion.promote(_settings(ctx), version, actor or getpass.getuser(), reason, force)
-    except (promotion.RegistryError, ValueError) as e:
-        raise _fail(e) from e
+    action = _act(promotion.promote, _settings(ctx), version, actor or getpass.getuser(), reason, force)
     console.print(f"[green]version {version} is champion[/green] ({action.action} by {action.actor})")
 
 
@@ -139,10 +155,7 @@ def reject_command(
     """Reject a version: it loses the challenger alias and needs --force to be promoted later."""
     from evaluator import promotion
 
-    try:
-        promotion.reject(_settings(ctx), version, actor or getpass.getuser(), reason)
-    except (promotion.RegistryError, ValueError) as e:
-        raise _fail(e) from e
+    _act(promotion.reject, _settings(ctx), version, actor or getpass.getuser(), reason)
     console.print(f"version {version} rejected")
 
 
@@ -155,10 +168,7 @@ def rollback_command(
     """Give the champion alias back to the previous champion."""
     from evaluator import promotion
 
-    try:
-        action = promotion.rollback(_settings(ctx), actor or getpass.getuser(), reason)
-    except (promotion.RegistryError, ValueError) as e:
-        raise _fail(e) from e
+    action = _act(promotion.rollback, _settings(ctx), actor or getpass.getuser(), reason)
     console.print(f"[yellow]champion is version {action.version} again[/yellow]")
 
 

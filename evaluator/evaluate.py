@@ -70,7 +70,9 @@ def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
     if production:
         sets.append(build_eval_set("production", production, settings))
     else:
-        log.warning("snapshot %s has an empty evaluation slice: production rules follow their on_missing", lineage.snapshot_id)
+        log.warning(
+            "snapshot %s has an empty evaluation slice: production rules follow their on_missing", lineage.snapshot_id
+        )
     return sets
 
 

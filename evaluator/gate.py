@@ -99,7 +99,9 @@ def apply_rule(rule: GateRule, candidate: dict[str, float], baseline: dict[str, 
     if math.isnan(value):
         return RuleResult(**result, value=None, passed=False, detail=f"{rule.metric} is NaN")
     passed = _OPS[rule.op](value, rule.threshold)
-    detail = f"{value:.6g} {rule.op} {rule.threshold:g}: {'pass' if passed else 'FAIL'}" + (f" ({rule.why})" if rule.why else "")
+    detail = f"{value:.6g} {rule.op} {rule.threshold:g}: {'pass' if passed else 'FAIL'}" + (
+        f" ({rule.why})" if rule.why else ""
+    )
     return RuleResult(**result, value=value, passed=passed, detail=detail)
 
 

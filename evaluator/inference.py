@@ -33,7 +33,9 @@ def _pad_id(tokenizer) -> int:
 
 
 @torch.inference_mode()
-def answer_loss(model, tokenizer, rows: Sequence[QAPair], max_length: int, batch_size: int, label: str) -> dict[str, float]:
+def answer_loss(
+    model, tokenizer, rows: Sequence[QAPair], max_length: int, batch_size: int, label: str
+) -> dict[str, float]:
     """Token-weighted mean cross-entropy over answer tokens, its perplexity, and the token count."""
     if not rows:
         raise ValueError(f"{label}: no rows to score")
@@ -67,9 +69,7 @@ def generate_answers(
         for chunk in track(batches, description=f"generate {label}", console=_progress_console, transient=True):
             prompts = [prompt_text(tokenizer, q) for q in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer)
-            )
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:

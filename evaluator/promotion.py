@@ -157,7 +157,9 @@ def apply_verdict(settings: Settings, verdict: Verdict, actor: str = "evaluator"
     if settings.evaluate.promotion == "auto":
         promote(settings, version, actor=actor, reason="evaluate.promotion=auto and the gate passed")
     else:
-        log.info("%s version %s is the challenger; waiting for `medretrain registry promote %s`", name, version, version)
+        log.info(
+            "%s version %s is the challenger; waiting for `medretrain registry promote %s`", name, version, version
+        )
     return version
 
 
@@ -167,7 +169,11 @@ def promote(settings: Settings, version: str, actor: str, reason: str = "", forc
     mv = _version(client, name, version)
     cleared = mv.tags.get("gate") == "passed" and mv.tags.get("rejected") != "true"
     if not cleared and not force:
-        why = "was rejected" if mv.tags.get("rejected") == "true" else f"did not pass the gate (gate={mv.tags.get('gate')})"
+        why = (
+            "was rejected"
+            if mv.tags.get("rejected") == "true"
+            else f"did not pass the gate (gate={mv.tags.get('gate')})"
+        )
         raise RegistryError(f"{name} version {version} {why}: promote it with --force --reason '...'")
     if force and not reason.strip():
         raise ValueError("--force needs --reason: say why the gate is overridden")
@@ -184,13 +190,15 @@ def promote(settings: Settings, version: str, actor: str, reason: str = "", forc
     _set_champion(client, name, str(version), [*history, str(version)])
     if alias_version(client, name, CHALLENGER) == str(version):
         client.delete_registered_model_alias(name, CHALLENGER)
-    action = RegistryAction(action="promoted" if cleared else "forced", version=str(version), actor=actor, reason=reason)
+    action = RegistryAction(
+        action="promoted" if cleared else "forced", version=str(version), actor=actor, reason=reason
+    )
     record_action(client, name, action)
     return action
 
 
 def reject(settings: Settings, version: str, actor: str, reason: str) -> RegistryAction:
-    """Mark ``version`` rejected and drop its ``challenger`` alias; the champion cannot be rejected (roll back first)."""
+    """Mark ``version`` rejected and drop its ``challenger`` alias; the champion cannot be rejected (roll back)."""
     if not reason.strip():
         raise ValueError("reject needs --reason")
     client, name = open_registry(settings)
@@ -221,7 +229,9 @@ def rollback(settings: Settings, actor: str, reason: str = "") -> RegistryAction
     verify_artifacts(client, name, target)
     _set_champion(client, name, target, history[: len(history) - history[::-1].index(target)])
     why = f"champion {current} -> {target}" + (f": {reason}" if reason else "")
-    record_action(client, name, RegistryAction(action="rollback", version=current, actor=actor, reason=f"demoted; {why}"))
+    record_action(
+        client, name, RegistryAction(action="rollback", version=current, actor=actor, reason=f"demoted; {why}")
+    )
     action = RegistryAction(action="rollback", version=target, actor=actor, reason=f"restored; {why}")
     record_action(client, name, action)
     return action

@@ -85,6 +85,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
+    "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;max-width:30em}"
+)
+
+
 def _fmt(value: float | None) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
@@ -98,17 +104,19 @@ def render_html(verdict: Verdict, samples: dict[str, list[dict]], images: list[s
         for r in verdict.rules
     ]
     metrics = [[k, _fmt(base.get(k)), _fmt(cand[k]), f"{cand[k] - base.get(k, nan):+.4g}"] for k in sorted(cand)]
+    rule_columns = ["rule", "verdict", "metric", "threshold", "value", "detail"]
     columns = ["question", "reference", "champion", "candidate"]
     answers = "".join(
         f"<h3>{html.escape(name)}</h3>" + _table(columns, [[r[c] for c in columns] for r in rows[:SAMPLES_SHOWN]])
         for name, rows in sorted(samples.items())
     )
     status = "PASSED" if verdict.passed else "FAILED"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>medretrain evaluation {verdict.candidate_run_id}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;max-width:30em}}</style></head><body>
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>medretrain evaluation {verdict.candidate_run_id}</title><style>{_STYLE}</style></head><body>
 <h1>Candidate run {html.escape(verdict.candidate_run_id)}: gate {status}</h1>
-<p>Baseline: champion version {html.escape(verdict.baseline_version or "none")}; decided {verdict.decided_at.isoformat()}</p>
-<h2>Gate rules</h2>{_table(["rule", "verdict", "metric", "threshold", "value", "detail"], rules)}
+<p>Baseline: champion version {html.escape(verdict.baseline_version or "none")};
+decided {verdict.decided_at.isoformat()}</p>
+<h2>Gate rules</h2>{_table(rule_columns, rules)}
 <h2>Metrics</h2>{_table(["metric", "champion", "candidate", "delta"], metrics)}
 <h2>Plots</h2>{"".join(f'<p><img src="{img}" alt="{img}"></p>' for img in images)}
 <h2>Sample answers</h2>{answers}

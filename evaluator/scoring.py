@@ -1,6 +1,6 @@
 """Text metrics of generated answers: ROUGE-L and BLEU through ``evaluate``, degeneracy, lengths.
 
-ROUGE-L and BLEU come from the project-local metric modules under ``evaluator/metrics/``,
+ROUGE-L and BLEU come from the project-local metric module ``evaluator/metrics/medqa_text``,
 loaded by path because the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1).
 """
 
@@ -10,9 +10,7 @@ import statistics
 from functools import cache
 from pathlib import Path
 
-METRICS_DIR = Path(__file__).parent / "metrics"
-ROUGE_MODULE = METRICS_DIR / "medqa_rouge"
-BLEU_MODULE = METRICS_DIR / "medqa_bleu"
+TEXT_METRIC_MODULE = Path(__file__).parent / "metrics" / "medqa_text"
 
 SET_NAMES = ("medquad", "production")
 """Evaluation sets: the MedQuAD test split (forgetting) and the snapshot's production slice (new data)."""
@@ -23,24 +21,20 @@ METRIC_NAMES = LOSS_METRICS + GENERATION_METRICS
 REPETITION_MIN_WORDS = 8
 """Shorter answers are too short to call repetitive."""
 REPETITION_MIN_DISTINCT = 0.5
-"""Below this share of distinct word trigrams an answer loops ("the the the ..."), a classic collapse of a bad adapter."""
+"""Below this share of distinct word trigrams an answer loops ("the the the ..."): a typical bad-adapter collapse."""
 
 
 @cache
-def _load(module_dir: Path):
+def _text_metric():
     import evaluate
 
-    return evaluate.load(str(module_dir))
+    return evaluate.load(str(TEXT_METRIC_MODULE))
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F-measure in [0, 1]."""
-    return float(_load(ROUGE_MODULE).compute(predictions=predictions, references=references)["rougeL"])
-
-
-def bleu(predictions: list[str], references: list[str]) -> float:
-    """sacrebleu corpus BLEU, 0-100."""
-    return float(_load(BLEU_MODULE).compute(predictions=predictions, references=references)["bleu"])
+def overlap_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """``rougeL`` (mean F-measure, 0-1) and ``bleu`` (sacrebleu corpus BLEU, 0-100)."""
+    scores = _text_metric().compute(predictions=predictions, references=references)
+    return {"rougeL": float(scores["rougeL"]), "bleu": float(scores["bleu"])}
 
 
 def is_degenerate(text: str) -> bool:
@@ -58,7 +52,11 @@ def length_stats(texts: list[str]) -> dict[str, float]:
     """Answer length in words: mean, median and 90th percentile."""
     lengths = [len(t.split()) for t in texts] or [0]
     p90 = statistics.quantiles(lengths, n=10, method="inclusive")[-1] if len(lengths) > 1 else float(lengths[0])
-    return {"len_mean": statistics.fmean(lengths), "len_median": float(statistics.median(lengths)), "len_p90": float(p90)}
+    return {
+        "len_mean": statistics.fmean(lengths),
+        "len_median": float(statistics.median(lengths)),
+        "len_p90": float(p90),
+    }
 
 
 def score_answers(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -67,8 +65,7 @@ def score_answers(predictions: list[str], references: list[str]) -> dict[str, fl
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     n = max(len(predictions), 1)
     return {
-        "rougeL": rouge_l(predictions, references),
-        "bleu": bleu(predictions, references),
+        **overlap_scores(predictions, references),
         "empty_rate": sum(not p.strip() for p in predictions) / n,
         "degenerate_rate": sum(is_degenerate(p) for p in predictions) / n,
         **length_stats(predictions),

@@ -19,9 +19,21 @@ from trainer.model import attach_lora, load_base
 CHEAP_EVAL = {"sample_size": 4, "loss_rows": 8, "max_new_tokens": 8, "batch_size": 4}
 PASS_RULES = [
     {"name": "medquad_loss_finite", "metric": "medquad.loss", "kind": "value", "op": "<=", "threshold": 1e6},
-    {"name": "forgetting_guard", "metric": "medquad.perplexity", "kind": "relative_delta", "op": "<=", "threshold": 1e9},
-    {"name": "production_loss_improves", "metric": "production.loss", "kind": "delta", "op": "<=", "threshold": 1e9,
-     "on_missing": "pass"},
+    {
+        "name": "forgetting_guard",
+        "metric": "medquad.perplexity",
+        "kind": "relative_delta",
+        "op": "<=",
+        "threshold": 1e9,
+    },
+    {
+        "name": "production_loss_improves",
+        "metric": "production.loss",
+        "kind": "delta",
+        "op": "<=",
+        "threshold": 1e9,
+        "on_missing": "pass",
+    },
 ]
 FAIL_RULES = [
     *PASS_RULES[:2],
@@ -48,7 +60,9 @@ def save_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
     return out_dir
 
 
-def log_candidate(settings: Settings, adapter_dir: Path | None, base_version: str, snapshot_id: str | None) -> TrainedAdapter:
+def log_candidate(
+    settings: Settings, adapter_dir: Path | None, base_version: str, snapshot_id: str | None
+) -> TrainedAdapter:
     """A finished MLflow run shaped like the trainer's: lineage tags, base version, loss history, ``adapter/``."""
     from trainer.registry import registry_client
     from trainer.tracking import BASE_VERSION_TAG, experiment_id
@@ -66,5 +80,10 @@ def log_candidate(settings: Settings, adapter_dir: Path | None, base_version: st
         client.log_artifacts(run_id, str(adapter_dir), artifact_path="adapter")
     client.set_terminated(run_id, "FINISHED")
     return TrainedAdapter(
-        run_id=run_id, lineage=lineage.model_copy(update={"run_id": run_id}), steps=5, train_loss=0.6, val_loss=2.5, wall_s=1.0
+        run_id=run_id,
+        lineage=lineage.model_copy(update={"run_id": run_id}),
+        steps=5,
+        train_loss=0.6,
+        val_loss=2.5,
+        wall_s=1.0,
     )

@@ -41,11 +41,24 @@ def put_snapshot(settings: Settings, n_eval: int = 6) -> str:
         digests[name] = hashlib.sha256(body).hexdigest()
         s3.put_object(Bucket=settings.s3.datasets_bucket, Key=prefix + name, Body=body)
     manifest = SnapshotManifest(
-        snapshot_id=snapshot_id, request_id="rr-test", uri=f"s3://{settings.s3.datasets_bucket}/{prefix}", files=digests,
-        row_count=4 + n_eval, train_rows=4, eval_rows=n_eval, min_row_id=1, max_row_id=4 + n_eval,
-        first_event_id=None, last_event_id=None, kafka_offsets={}, produced_from=None, produced_to=None,
+        snapshot_id=snapshot_id,
+        request_id="rr-test",
+        uri=f"s3://{settings.s3.datasets_bucket}/{prefix}",
+        files=digests,
+        row_count=4 + n_eval,
+        train_rows=4,
+        eval_rows=n_eval,
+        min_row_id=1,
+        max_row_id=4 + n_eval,
+        first_event_id=None,
+        last_event_id=None,
+        kafka_offsets={},
+        produced_from=None,
+        produced_to=None,
     )
-    s3.put_object(Bucket=settings.s3.datasets_bucket, Key=prefix + "manifest.json", Body=manifest.model_dump_json().encode())
+    s3.put_object(
+        Bucket=settings.s3.datasets_bucket, Key=prefix + "manifest.json", Body=manifest.model_dump_json().encode()
+    )
     return snapshot_id
 
 
@@ -64,7 +77,10 @@ def cli(settings: Settings, *args: str):
         f"mlflow.registered_model={settings.mlflow.registered_model}",
         f"evaluate.gate_rules={settings.evaluate.gate_rules}",
         f"evaluate.promotion={settings.evaluate.promotion}",
-        *(f"evaluate.{k}={getattr(settings.evaluate, k)}" for k in ("sample_size", "loss_rows", "max_new_tokens", "batch_size")),
+        *(
+            f"evaluate.{k}={getattr(settings.evaluate, k)}"
+            for k in ("sample_size", "loss_rows", "max_new_tokens", "batch_size")
+        ),
     ]
     overrides = [x for s in sets for x in ("--set", s)]
     return CliRunner().invoke(build_app(), [*overrides, *args], env={"COLUMNS": "250"})
@@ -80,8 +96,15 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
 
     assert verdict.passed and verdict.baseline_version == "1"
     for side in ("candidate", "baseline"):
-        for key in ("medquad.loss", "medquad.perplexity", "medquad.rougeL", "medquad.bleu", "production.loss",
-                    "production.degenerate_rate", "production.len_mean"):
+        for key in (
+            "medquad.loss",
+            "medquad.perplexity",
+            "medquad.rougeL",
+            "medquad.bleu",
+            "production.loss",
+            "production.degenerate_rate",
+            "production.len_mean",
+        ):
             assert key in verdict.metrics[side], (side, key)
     # the random adapter really changes the model: same data, different loss
     assert verdict.metrics["candidate"]["medquad.loss"] != verdict.metrics["baseline"]["medquad.loss"]
@@ -97,9 +120,13 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
     assert run.data.tags["medretrain.gate.passed"] == "true"
     for rule in PASS_RULES:
         assert run.data.tags[f"medretrain.gate.rule.{rule['name']}"].startswith("pass ")
-    assert run.data.metrics["eval.candidate.production.loss"] == pytest.approx(verdict.metrics["candidate"]["production.loss"])
+    assert run.data.metrics["eval.candidate.production.loss"] == pytest.approx(
+        verdict.metrics["candidate"]["production.loss"]
+    )
 
-    report = Path(mlflow.artifacts.download_artifacts(run_id=candidate.run_id, artifact_path="report", dst_path=str(tmp_path)))
+    report = Path(
+        mlflow.artifacts.download_artifacts(run_id=candidate.run_id, artifact_path="report", dst_path=str(tmp_path))
+    )
     for name in ("report.html", "metrics.png", "loss_curves.png", "answer_lengths.png"):
         assert (report / name).stat().st_size > 500, name
     assert "production_loss_improves" in (report / "report.html").read_text()
@@ -109,10 +136,16 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
     mv = registry_client(settings).get_model_version(settings.mlflow.registered_model, version)
     assert mv.source == f"runs:/{candidate.run_id}/adapter"
     assert {k: mv.tags[k] for k in ("kind", "base_version", "parent_version", "gate", "request", "snapshot")} == {
-        "kind": "adapter", "base_version": "1", "parent_version": "1", "gate": "passed",
-        "request": candidate.lineage.request_id, "snapshot": candidate.lineage.snapshot_id,
+        "kind": "adapter",
+        "base_version": "1",
+        "parent_version": "1",
+        "gate": "passed",
+        "request": candidate.lineage.request_id,
+        "snapshot": candidate.lineage.snapshot_id,
     }
-    assert float(mv.tags["metric.production.loss"]) == pytest.approx(verdict.metrics["candidate"]["production.loss"], rel=1e-5)
+    assert float(mv.tags["metric.production.loss"]) == pytest.approx(
+        verdict.metrics["candidate"]["production.loss"], rel=1e-5
+    )
     assert actions(settings, version) == ["registered", "challenger", "promoted"]
     client, name = promotion.open_registry(settings)
     assert promotion.champion_history(client, name) == ["1", version]
@@ -172,14 +205,19 @@ def test_failing_candidate_leaves_the_champion_and_needs_force_with_reason(make_
     forced = cli(settings, "registry", "promote", version, "--force", "--reason", "hotfix approved by clinical lead")
     assert forced.exit_code == 0, forced.output
     assert aliases(settings) == {"champion": version}
-    last = promotion.actions_of(registry_client(settings).get_model_version(settings.mlflow.registered_model, version))[-1]
+    last = promotion.actions_of(registry_client(settings).get_model_version(settings.mlflow.registered_model, version))[
+        -1
+    ]
     assert (last.action, last.reason) == ("forced", "hotfix approved by clinical lead")
 
 
 def _judged(settings: Settings, candidate, passed: bool = True) -> str:
     """Register a candidate through promotion alone (it reads only the Verdict)."""
     verdict = Verdict(
-        candidate_run_id=candidate.run_id, baseline_version="1", passed=passed, rules=[],
+        candidate_run_id=candidate.run_id,
+        baseline_version="1",
+        passed=passed,
+        rules=[],
         metrics={"candidate": {"medquad.loss": 2.0}, "baseline": {"medquad.loss": 2.1}},
     )
     return promotion.apply_verdict(settings, verdict)

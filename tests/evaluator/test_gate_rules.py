@@ -62,7 +62,9 @@ def test_decide_needs_every_rule():
 
 def test_bad_rules_file_lists_problems(tmp_path):
     path = tmp_path / "rules.json"
-    path.write_text(json.dumps({"rules": [{"name": "x", "metric": "prod.loss", "kind": "delta", "op": "<", "threshold": 0}]}))
+    path.write_text(
+        json.dumps({"rules": [{"name": "x", "metric": "prod.loss", "kind": "delta", "op": "<", "threshold": 0}]})
+    )
     with pytest.raises(ValueError) as err:
         load_rules(path)
     assert "unknown metric 'prod.loss'" in str(err.value) and "op" in str(err.value)
