@@ -118,7 +118,7 @@ def run_params(settings: Settings, request: RetrainRequest, parent_version: str)
     }
 
 
-def _rows_payload(rows: list[QAPair]) -> list[dict[str, Any]]:
+def rows_payload(rows: list[QAPair]) -> list[dict[str, Any]]:
     return [row.model_dump(mode="json", exclude={"split"}) for row in rows]
 
 
@@ -260,8 +260,8 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
         "settings": settings.model_dump_json(),
         "model_version": parent.version,
         "run_id": run_id,
-        "train_rows": _rows_payload(train_rows),
-        "val_rows": _rows_payload(val_rows),
+        "train_rows": rows_payload(train_rows),
+        "val_rows": rows_payload(val_rows),
     }
     connect_ray(settings)
     with tracking.finishing(settings, run_id):

@@ -1,0 +1,127 @@
+"""Ray Tune ASHA over lr, LoRA rank/alpha and micro batch size; each trial is a Ray Train run and an MLflow child run.
+
+    medretrain tune --samples 8 [--snapshot SNAP_ID] [--out .medretrain/tuned/best_train.json]
+    medretrain --set train.tuned_config=.medretrain/tuned/best_train.json train --reason manual
+
+Trials train a fresh adapter on the champion's base (the LoRA shape is what is searched), on the
+same rows a retrain would use, and report ``val_loss`` at every checkpoint; ASHA stops the weak
+ones early. The best trial's train overrides are written as JSON: ``train.tuned_config`` makes
+them the defaults of later retrains (a request's own overrides still win; a champion adapter's
+shape still wins over the tuned LoRA shape).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from deploy.clients import pyarrow_s3
+from schemas.events import RetrainRequest
+from schemas.settings import Settings, with_overrides
+from trainer import tracking
+from trainer.retrain import rows_payload, build_torch_trainer, connect_ray, training_rows
+
+log = logging.getLogger(__name__)
+
+METRIC, MODE = "val_loss", "min"
+
+
+def search_space() -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(5e-5, 2e-3),
+        "lora_r": tune.choice([4, 8, 16, 32]),
+        "alpha_per_r": tune.choice([1, 2]),
+        "micro_batch_size": tune.choice([2, 4, 8]),
+    }
+
+
+def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Train-section overrides of one sampled config (also the format of ``train.tuned_config``)."""
+    r = int(config["lora_r"])
+    return {
+        "lr": float(config["lr"]),
+        "micro_batch_size": int(config["micro_batch_size"]),
+        "lora": {"r": r, "alpha": r * int(config["alpha_per_r"])},
+    }
+
+
+def trial_func(config: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train run of the trial's settings, logged as a child of the tune run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    overrides = trial_overrides(config)
+    settings = with_overrides(Settings.model_validate_json(shared["settings"]), {"train": overrides})
+    trial = ray.tune.get_context().get_trial_id()
+    tags = {tracking.KIND_TAG: "tune-trial", "medretrain.tune_id": shared["tune_id"], "medretrain.trial_id": trial}
+    run_id = tracking.open_run(settings, tags, run_name=f"{shared['tune_id']}-{trial}", parent_run_id=shared["parent_run_id"])
+    lora = overrides["lora"]
+    params = {"lr": overrides["lr"], "micro_batch_size": overrides["micro_batch_size"], "lora_r": lora["r"], "lora_alpha": lora["alpha"]}
+    tracking.log_params(settings, run_id, params)
+    loop_config = {
+        "settings": settings.model_dump_json(),
+        "model_version": shared["model_version"],
+        "run_id": run_id,
+        "train_rows": shared["train_rows"],
+        "val_rows": shared["val_rows"],
+    }
+    trainer = build_torch_trainer(settings, f"{shared['tune_id']}-{trial}", loop_config, callbacks=[TuneReportCallback()])
+    with tracking.finishing(settings, run_id):
+        trainer.fit()
+
+
+def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str, Any]:
+    """Run the search; write the best train overrides to ``out`` and the tune run; return them."""
+    from ray import tune
+
+    from trainer.registry import resolve
+
+    cfg = settings.tune
+    trial_train = {"max_steps": cfg.max_steps, "num_workers": cfg.workers_per_trial}
+    settings = with_overrides(settings, {"stack": {"home": str(settings.stack.home.resolve())}, "train": trial_train})
+    tune_id = f"tune-{uuid.uuid4().hex[:10]}"
+    request = RetrainRequest(request_id=tune_id, reason="manual", watermark=0, snapshot_id=snapshot_id)
+    _, train_rows, val_rows = training_rows(settings, request)
+    base_version = resolve(settings, "champion").base_version  # the searched LoRA shape needs a fresh adapter
+    parent_run_id = tracking.open_run(settings, {tracking.KIND_TAG: "tune", "medretrain.tune_id": tune_id}, run_name=tune_id)
+    params = {"num_samples": cfg.num_samples, "max_steps": cfg.max_steps, "snapshot_id": snapshot_id or "", "base_version": base_version}
+    tracking.log_params(settings, parent_run_id, params)
+    shared = {
+        "settings": settings.model_dump_json(),
+        "tune_id": tune_id,
+        "parent_run_id": parent_run_id,
+        "model_version": base_version,
+        "train_rows": rows_payload(train_rows),
+        "val_rows": rows_payload(val_rows),
+    }
+    connect_ray(settings)
+    reports = -(-cfg.max_steps // settings.train.checkpoint_every_steps)
+    tuner = tune.Tuner(
+        # A trial only drives its TorchTrainer; its workers reserve the real CPUs/GPUs.
+        tune.with_resources(tune.with_parameters(trial_func, shared=shared), {"CPU": 0.25}),
+        param_space=search_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent,
+            scheduler=tune.schedulers.ASHAScheduler(max_t=reports, grace_period=min(cfg.grace_checkpoints, reports)),
+            search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed),
+        ),
+        run_config=tune.RunConfig(
+            name=tune_id, storage_path=f"{settings.s3.checkpoints_bucket}/tune", storage_filesystem=pyarrow_s3(settings)
+        ),
+    )
+    with tracking.finishing(settings, parent_run_id):
+        best = tuner.fit().get_best_result(metric=METRIC, mode=MODE)
+        best_overrides = trial_overrides(best.config)
+        tracking.log_json(settings, parent_run_id, "best_config.json", {"train": best_overrides, METRIC: best.metrics.get(METRIC)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(best_overrides, indent=2, sort_keys=True))
+    log.info("best of %s: %s (%s %.4f), written to %s", tune_id, best_overrides, METRIC, best.metrics.get(METRIC, float("nan")), out)
+    return best_overrides
