@@ -15,9 +15,12 @@ from schemas.events import RetrainRequest
 from schemas.settings import with_overrides
 from trainer import tracking
 from trainer.registry import bootstrap
-from trainer.retrain import run
+from trainer.retrain import adapter_lora, check_lora_shape, effective_settings, parse_request, run
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+def ray_test(fn):
+    """Needs the stack and takes about a minute per Ray run."""
+    return pytest.mark.integration(pytest.mark.slow(fn))
 
 TINY_TRAIN = {
     "num_workers": 2, "max_steps": 4, "checkpoint_every_steps": 2, "micro_batch_size": 2, "max_length": 64,
@@ -46,6 +49,34 @@ def _checkpoint_keys(settings, request_id: str) -> list[str]:
     return [obj["Key"] for obj in listing.get("Contents", [])]
 
 
+def test_lora_shape_clash_with_the_champion_adapter_fails_fast(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, "target_modules": ["v_proj", "q_proj"]}))
+    adapter = adapter_lora(tmp_path)
+    assert adapter == {"r": 16, "alpha": 32, "target_modules": ("q_proj", "v_proj")}
+    check_lora_shape(_request(train={"lora": {"r": 16, "dropout": 0.2, "target_modules": ["v_proj", "q_proj"]}}), adapter)
+    with pytest.raises(ValueError, match=r"'r': \(8, 16\)"):
+        check_lora_shape(_request(train={"lora": {"r": 8}}), adapter)
+
+
+def test_request_json_and_overrides_reach_the_settings():
+    from schemas.settings import load_settings
+
+    request = parse_request(load_settings(), _request(train={"lr": 1e-3}).model_dump_json())
+    settings = effective_settings(load_settings(), request)
+    assert settings.train.lr == 1e-3 and settings.stack.home.is_absolute()
+
+
+@pytest.mark.parametrize("bad", ['{"reason": "manual"}', '{"request_id": "x", "reason": "bored", "watermark": 0}'])
+def test_bad_request_json_is_refused(bad):
+    from pydantic import ValidationError
+
+    from schemas.settings import load_settings
+
+    with pytest.raises(ValidationError):
+        parse_request(load_settings(), bad)
+
+
+@ray_test
 def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
     snapshot_id = upload_snapshot(settings, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)})
     request = _request(train={"keep_checkpoints": 1}).model_copy(update={"snapshot_id": snapshot_id})
@@ -72,6 +103,7 @@ def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
     assert len({k.split("/")[2] for k in keys if k.count("/") >= 3}) == 1  # keep_checkpoints pruned the first
 
 
+@ray_test
 def test_worker_failure_resumes_from_the_last_checkpoint(settings):
     adapter = run(settings, _request(train={"fault_at_step": 3}))
     # Steps 1-3 ran, rank 1 failed after step 3; the restarted group resumed from the step-2 checkpoint.
@@ -79,6 +111,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(settings):
     assert _steps_logged(settings, adapter.run_id) == [1, 2, 3, 3, 4]
 
 
+@ray_test
 def test_resubmitting_an_interrupted_or_finished_request_resumes(settings):
     request = _request(train={"fault_at_step": 3, "max_failures": 0})
     with pytest.raises(Exception, match="injected fault"):
