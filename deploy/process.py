@@ -20,6 +20,9 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+START_MARKER = "\n=== "
+"""Begins the line written to a service's log before each start."""
+
 
 class ServiceError(RuntimeError):
     """A service failed to start or stop; the message names it and quotes its log."""
@@ -44,11 +47,13 @@ def pid_path(home: Path, name: str) -> Path:
 
 
 def tail(path: Path, lines: int = 25) -> str:
-    """Last lines of a log, for error messages."""
+    """Last lines the latest start wrote to a log, for error messages."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace")
     except FileNotFoundError:
         return "(no log written)"
+    latest = text[text.rfind(START_MARKER) :] if START_MARKER in text else text
+    return "\n".join(latest.splitlines()[-lines:])
 
 
 def running_pid(home: Path, name: str) -> int | None:
@@ -89,7 +94,7 @@ def spawn(home: Path, name: str, launch: Launch) -> int:
     pid_path(home, name).parent.mkdir(parents=True, exist_ok=True)
     launch.cwd.mkdir(parents=True, exist_ok=True)
     with logs.open("ab") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(launch.argv)}\n".encode())
+        out.write(f"{START_MARKER}{time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(launch.argv)}\n".encode())
         out.flush()
         try:
             proc = subprocess.Popen(

@@ -5,9 +5,12 @@ S3 storage, rather than memory, is what lets topics and offsets survive a broker
 
 from __future__ import annotations
 
+import socket
+import struct
+
 from deploy.clients import ensure_topics, s3_credentials
 from deploy.process import Launch
-from deploy.services import Service, host_port, port_open
+from deploy.services import Service, host_port
 from schemas.settings import Settings
 
 
@@ -39,23 +42,34 @@ def url(settings: Settings) -> str:
     return f"kafka://{settings.kafka.bootstrap}"
 
 
-def healthy(settings: Settings) -> bool:
-    """The broker answers metadata requests (which also reads its S3 storage)."""
-    host, port = host_port(settings.kafka.bootstrap)
-    if not port_open(host, port):
-        return False
-    from kafka import KafkaConsumer
-    from kafka.errors import KafkaError
+def healthy(settings: Settings, timeout_s: float = 5.0) -> bool:
+    """The broker answers a Metadata request (which reads its S3 storage) within ``timeout_s``.
 
+    A raw request rather than kafka-python: its ``topics()`` waits forever on a listener that never answers.
+    """
+    host, port = host_port(settings.kafka.bootstrap)
+    client_id = b"medretrain-health"
+    correlation_id = 7
+    # Request header v1 (api_key 3 = Metadata, version 0, correlation id, client id), then an empty topic array.
+    request = struct.pack(">hhih", 3, 0, correlation_id, len(client_id)) + client_id + struct.pack(">i", 0)
     try:
-        consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=5000, enable_auto_commit=False)
-        try:
-            consumer.topics()
-            return True
-        finally:
-            consumer.close()
-    except KafkaError:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack(">i", len(request)) + request)
+            size, answered_id = struct.unpack(">ii", _read_exactly(sock, 8))
+    except (OSError, struct.error):
         return False
+    return answered_id == correlation_id and size >= 4
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise OSError("connection closed")
+        data += chunk
+    return data
 
 
 def ensure(settings: Settings) -> None:
