@@ -11,7 +11,9 @@ import logging
 
 import typer
 
-stack_app = typer.Typer(help="The embedded stack: S3 (SeaweedFS), Kafka protocol (Tansu), MLflow, Ray head.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The embedded stack: S3 (SeaweedFS), Kafka protocol (Tansu), MLflow, Ray head.", no_args_is_help=True
+)
 
 
 @stack_app.command("up")

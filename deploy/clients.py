@@ -35,7 +35,8 @@ def s3_credentials(settings: Settings) -> S3Credentials:
         data = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise RuntimeError(
-            f"no S3 credentials: set MEDRETRAIN_S3__ACCESS_KEY/SECRET_KEY or run `medretrain stack up` (expected {path})"
+            "no S3 credentials: set MEDRETRAIN_S3__ACCESS_KEY/SECRET_KEY or run `medretrain stack up`"
+            f" (expected {path})"
         ) from e
     return S3Credentials(data["s3_access_key"], data["s3_secret_key"])
 

@@ -68,7 +68,8 @@ def _start(settings: Settings, service: Service) -> bool:
     try:
         service.ensure(settings)
     except Exception as e:
-        raise ServiceError(f"service {name!r} is up but its set-up failed: {e}; log {process.log_path(home, name)}") from e
+        logs = process.log_path(home, name)
+        raise ServiceError(f"service {name!r} is up but its set-up failed: {e}; log {logs}") from e
     return started
 
 

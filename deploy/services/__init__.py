@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -61,12 +60,4 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def port_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
         return False

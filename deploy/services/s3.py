@@ -75,12 +75,17 @@ def launch(settings: Settings) -> Launch:
     write_private(workdir / "secret.options", f"admin.password={creds['admin_password']}\n")
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     _, s3_port = host_port(settings.s3.endpoint)
-    ports = {"master": stack.s3_master_port, "volume": stack.s3_volume_port, "filer": stack.s3_filer_port, "s3": s3_port,
-             "admin": stack.s3_admin_port}
+    ports = {
+        "master": stack.s3_master_port,
+        "volume": stack.s3_volume_port,
+        "filer": stack.s3_filer_port,
+        "s3": s3_port,
+        "admin": stack.s3_admin_port,
+    }
     argv = [
         venv_bin("weed"), "mini", f"-dir={workdir / 'data'}", f"-ip={stack.host}", f"-ip.bind={stack.host}",
-        f"-s3.config={workdir / 's3.json'}", f"-options={workdir / 'secret.options'}", "-webdav=false", "-master.telemetry=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
+        f"-s3.config={workdir / 's3.json'}", f"-options={workdir / 'secret.options'}",
+        "-webdav=false", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
         f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
     ]  # fmt: skip
     for component, port in ports.items():

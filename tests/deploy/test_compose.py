@@ -126,7 +126,8 @@ def test_services_commands_health_and_dependencies(compose: dict[str, Any]) -> N
             expected = "service_completed_successfully" if one_shot_dependency else "service_healthy"
             assert rule["condition"] == expected, (name, dependency)
     kafka_env = compose["kafka"]["environment"]
-    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller" and kafka_env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert kafka_env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
 
 
 def test_kuberay_manifest_uses_real_settings() -> None:

@@ -44,7 +44,7 @@ def test_stale_pid_file_is_ignored(tmp_path: Path) -> None:
 
 def test_service_env_drops_caller_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MEDRETRAIN_KAFKA__BOOTSTRAP", "elsewhere:1")
-    script = "import os, sys; sys.exit(0 if 'MEDRETRAIN_KAFKA__BOOTSTRAP' not in os.environ and os.environ['X'] == '1' else 4)"
+    script = "import os, sys; sys.exit(4 if 'MEDRETRAIN_KAFKA__BOOTSTRAP' in os.environ or os.environ['X'] != '1' else 0)"
     pid = process.spawn(tmp_path, "env", Launch(argv=[sys.executable, "-c", script], cwd=tmp_path, env={"X": "1"}))
     import psutil
 

@@ -18,7 +18,11 @@ def _clear_medretrain_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_round_trip_through_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    overrides = {"mlflow": {"backend_store_uri": None}, "ray": {"num_cpus": 3}, "train": {"lora": {"r": 4, "target_modules": ["q_proj"]}}}
+    overrides = {
+        "mlflow": {"backend_store_uri": None},
+        "ray": {"num_cpus": 3},
+        "train": {"lora": {"r": 4, "target_modules": ["q_proj"]}},
+    }
     original = with_overrides(load_settings(), overrides)
     assert original.mlflow.backend_store_uri is None and original.train.lora.target_modules == ("q_proj",)
     env = settings_env(original)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from deploy import process, stack as embedded
-from deploy.clients import boto3_s3, credentials_file, ensure_topics
+from deploy.clients import boto3_s3, credentials_file, ensure_topics, topic_names
 from deploy.services import host_port
 from schemas.settings import Settings
 
@@ -47,12 +47,14 @@ def test_s3_refuses_wrong_credentials_and_accepts_right_ones(stack: Settings) ->
     assert good.get_object(Bucket=stack.s3.artifacts_bucket, Key=key)["Body"].read() == b"hello"
 
     creds = json.loads(credentials_file(stack).read_text())
-    wrong = stack.model_copy(update={"s3": stack.s3.model_copy(update={"access_key": creds["s3_access_key"], "secret_key": "wrong", "retries": 0})})
+    wrong_s3 = stack.s3.model_copy(update={"access_key": creds["s3_access_key"], "secret_key": "wrong", "retries": 0})
+    wrong = stack.model_copy(update={"s3": wrong_s3})
     with pytest.raises(ClientError) as info:
         boto3_s3(wrong).get_object(Bucket=stack.s3.artifacts_bucket, Key=key)
     assert info.value.response["Error"]["Code"] in {"SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId"}
 
-    anonymous = urllib.request.Request(f"{stack.s3.endpoint}/{stack.s3.artifacts_bucket}/{key}", data=b"x", method="PUT")
+    url = f"{stack.s3.endpoint}/{stack.s3.artifacts_bucket}/{key}"
+    anonymous = urllib.request.Request(url, data=b"x", method="PUT")
     with pytest.raises(urllib.error.HTTPError) as http:
         urllib.request.urlopen(anonymous, timeout=5)
     assert http.value.code == 403
@@ -64,14 +66,19 @@ def test_buckets_exist(stack: Settings) -> None:
     assert {s3.artifacts_bucket, s3.checkpoints_bucket, s3.datasets_bucket, stack.stack.broker_bucket} <= names
 
 
-@pytest.mark.parametrize("port_field", ["s3_filer_port", "s3_volume_port"])
-def test_storage_ports_reject_unsigned_writes(stack: Settings, port_field: str) -> None:
+@pytest.mark.parametrize(
+    ("port_field", "path"),
+    [("s3_filer_port", f"/tests/{uuid.uuid4().hex}.txt"), ("s3_volume_port", "/1,01637037d6")],  # file path, file id
+)
+def test_storage_ports_reject_unsigned_writes(stack: Settings, port_field: str, path: str) -> None:
     port = getattr(stack.stack, port_field)
     body = b"--b\r\nContent-Disposition: form-data; name=file; filename=x.txt\r\n\r\nhello\r\n--b--\r\n"
     request = urllib.request.Request(
-        f"http://{stack.stack.host}:{port}/tests/{uuid.uuid4().hex}.txt" if port_field == "s3_filer_port" else f"http://{stack.stack.host}:{port}/1,01637037d6",
-        data=body, method="POST", headers={"Content-Type": "multipart/form-data; boundary=b"},
-    )  # fmt: skip
+        f"http://{stack.stack.host}:{port}{path}",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5)
     assert info.value.code == 401
@@ -124,7 +131,7 @@ def test_project_topics_have_configured_partitions(stack: Settings) -> None:
 
     consumer = KafkaConsumer(bootstrap_servers=stack.kafka.bootstrap)
     try:
-        for topic in (stack.kafka.events_topic, stack.kafka.dlq_topic, stack.kafka.requests_topic, stack.kafka.status_topic):
+        for topic in topic_names(stack):
             assert len(consumer.partitions_for_topic(topic) or ()) == stack.kafka.partitions, topic
     finally:
         consumer.close()
