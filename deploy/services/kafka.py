@@ -34,6 +34,7 @@ def launch(settings: Settings) -> Launch:
         "AWS_ACCESS_KEY_ID": creds.access_key,
         "AWS_SECRET_ACCESS_KEY": creds.secret_key,
         "AWS_DEFAULT_REGION": settings.s3.region,
+        "NO_COLOR": "1",  # plain log lines, not ANSI escapes
     }
     return Launch(argv=argv, cwd=settings.stack.home / "kafka", env=env)
 

@@ -44,6 +44,9 @@ def launch(settings: Settings) -> Launch:
         "RAY_USAGE_STATS_ENABLED": "0",
         # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Pinned: with the mode unset, a token that any local ray.init() left in ~/.ray would switch this head
+        # to token auth and every client without that token (and our health check) would get 401s.
+        "RAY_AUTH_MODE": "disabled",
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
         "VIRTUAL_ENV": str(venv.parent),
     }
