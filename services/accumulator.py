@@ -10,8 +10,9 @@ faust, which acks it. Only acked records have their offsets committed, i.e. afte
 database commit: a crash anywhere replays uncommitted records, and the unique event_id
 turns replays into counted duplicates. The dead-letter topic is at-least-once (a replay may
 repeat an entry; source topic/partition/offset identify it). Durable state lives in the
-database, never in faust tables. After each batch, and on a timer (cooldowns expire while
-the stream is idle), the trigger checks the threshold.
+database, never in faust tables. After a batch that may reach the threshold, and on a timer
+(cooldowns expire while the stream is idle), the trigger checks it; the timer also publishes
+requests that a broker outage left recorded but unsent.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class BatchSink:
     def __init__(self, settings: Settings, engine: Engine, dlq: faust.TopicT) -> None:
         self.settings, self.engine, self.dlq = settings, engine, dlq
         self._trigger_lock = asyncio.Lock()
+        self._pending = 0
+        """Rows since the last snapshot: the last check's count plus what this worker stored since."""
+        self._held = False
+        """The last check waited on cooldown or an in-flight retrain; only the timer checks again."""
 
     async def handle(self, records: Sequence[SourceRecord]) -> None:
         started = time.perf_counter()
@@ -53,6 +58,8 @@ class BatchSink:
         await self._dead_letter(batch.rejected + refused)
         metrics.ACCEPTED.inc(result.new)
         metrics.DUPLICATES.inc(result.duplicates)
+        self._pending += result.new
+        metrics.ROWS_SINCE_SNAPSHOT.set(self._pending)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         log.debug("batch of %d: %d new, %d duplicates, %d dead-lettered", len(records), result.new,
                   result.duplicates, len(batch.rejected) + len(refused))
@@ -79,17 +86,33 @@ class BatchSink:
             log.warning("dead-lettered %s:%d@%d: %s", record.topic, record.partition, record.offset, rejection.reason)
         await asyncio.gather(*pending)
 
-    async def check_trigger(self) -> None:
-        """Run the threshold check off the event loop; one at a time, and never fatal to ingestion."""
+    async def after_batch(self) -> None:
+        """Check the threshold only when it may be reached: a check costs several queries and a table lock.
+
+        Rows stored by other workers are counted at the next timer check.
+        """
+        if not self._held and self._pending >= self.settings.trigger.threshold:
+            await self.check_trigger()
+
+    async def check_trigger(self, republish: bool = False) -> None:
+        """Run the threshold check off the event loop; one at a time, and never fatal to ingestion.
+
+        ``republish`` first sends requests a broker outage left recorded but unsent; under the same
+        lock, so an emission in progress is never sent twice.
+        """
         if self._trigger_lock.locked():
             return
         async with self._trigger_lock:
             try:
+                if republish:
+                    await asyncio.to_thread(trigger.republish_pending, self.settings, self.engine)
                 decision = await asyncio.to_thread(trigger.check_threshold, self.settings, self.engine)
             except Exception:  # S3 or broker trouble: the next batch or timer tick tries again
                 log.exception("threshold check failed; will retry")
                 return
-            metrics.ROWS_SINCE_SNAPSHOT.set(0 if decision.action == "emitted" else decision.pending_rows)
+            self._pending = 0 if decision.action == "emitted" else decision.pending_rows
+            self._held = decision.action in ("cooldown", "coalesced")
+            metrics.ROWS_SINCE_SNAPSHOT.set(self._pending)
 
 
 def observe_lag(app: faust.App, events: Sequence[faust.EventT]) -> None:
@@ -141,15 +164,11 @@ def build_app(settings: Settings) -> faust.App:
         async for batch in stream_.take_events(batching.batch_size, within=batching.batch_window_s):
             await sink.handle([record_of(event) for event in batch])
             observe_lag(app, batch)
-            await sink.check_trigger()
-
-    @app.task
-    async def recover() -> None:
-        await asyncio.to_thread(trigger.republish_pending, settings, engine)
+            await sink.after_batch()
 
     @app.timer(interval=TRIGGER_RECHECK_S)
     async def recheck() -> None:
-        await sink.check_trigger()
+        await sink.check_trigger(republish=True)
 
     return app
 

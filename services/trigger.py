@@ -141,7 +141,8 @@ def _automatic_gate(engine: Engine, settings: Settings, window: _Window) -> tupl
 def _publish(settings: Settings, request: RetrainRequest) -> None:
     from services.publisher import make_producer
 
-    producer = make_producer(settings, client_id="medretrain-trigger")
+    # Fail within seconds when the broker is away: the request is recorded and republished later.
+    producer = make_producer(settings, client_id="medretrain-trigger", bootstrap_timeout_ms=10_000, max_block_ms=10_000)
     try:
         producer.send(settings.kafka.requests_topic, key=request.request_id.encode(),
                       value=request.model_dump_json().encode()).get(timeout=30)

@@ -16,7 +16,6 @@ from services.store import (
     last_watermark,
     load_request,
     max_row_id,
-    rows_since_last_snapshot,
 )
 
 
@@ -38,10 +37,10 @@ def test_duplicates_within_and_across_batches_are_counted_not_stored(sqlite_engi
 def test_rows_since_last_snapshot_counts_from_the_highest_watermark(sqlite_engine):
     with sqlite_engine.begin() as conn:
         insert_events(conn, _rows([build_event(i) for i in range(7)]))
-        assert last_watermark(conn) == 0 and rows_since_last_snapshot(conn) == 7
+        assert last_watermark(conn) == 0 and count_rows_between(conn, last_watermark(conn)) == 7
         conn.execute(insert(SnapshotRow).values(snapshot_id="s1", request_id="r", min_row_id=1, max_row_id=4,
                                                 row_count=4, train_rows=4, eval_rows=0, manifest={}))
-        assert last_watermark(conn) == 4 and rows_since_last_snapshot(conn) == 3
+        assert last_watermark(conn) == 4 and count_rows_between(conn, last_watermark(conn)) == 3
 
 
 def test_load_request_round_trips_and_names_a_missing_id(sqlite_settings, sqlite_engine):
