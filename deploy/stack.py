@@ -63,7 +63,11 @@ def _start(settings: Settings, service: Service) -> bool:
                 f"service {name!r}: {service.url(settings)} is already served by a process this stack did not "
                 f"start (no pid file under {home / 'run'}); stop it or configure other ports"
             )
-        pid = process.spawn(home, name, service.launch(settings))
+        try:
+            launch = service.launch(settings)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ServiceError(f"service {name!r} cannot start: {e}") from e
+        pid = process.spawn(home, name, launch)
     process.wait_healthy(home, name, pid, lambda: service.healthy(settings), timeout)
     try:
         service.ensure(settings)

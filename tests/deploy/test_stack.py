@@ -228,3 +228,13 @@ def test_foreign_service_on_our_port_is_a_clear_error(stack: Settings, tmp_path)
     other = stack.model_copy(update={"stack": stack.stack.model_copy(update={"home": tmp_path / "other"})})
     with pytest.raises(ServiceError, match=r"service 's3': .* already served by a process this stack did not start"):
         embedded.up(other)
+
+
+def test_setup_failure_names_the_service(stack: Settings) -> None:
+    from deploy.process import ServiceError
+    from schemas.settings import with_overrides
+
+    broken = with_overrides(stack, {"database": {"url": "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"}})
+    with pytest.raises(ServiceError, match=r"service 'mlflow' is up but its set-up failed: PostgreSQL unreachable"):
+        embedded.up(broken)
+    assert all(s.healthy for s in embedded.status(stack))
