@@ -6,7 +6,8 @@ never at a developer's stack. Override any of them in the environment.
 
     .venv/bin/pytest tests/deploy -q                       # starts the test stack if needed
     MEDRETRAIN_TEST_KEEP_STACK=1 .venv/bin/pytest ...      # leave it running afterwards
-    .venv/bin/medretrain stack down                        # with the same MEDRETRAIN_* variables: stop it
+    .venv/bin/python -c "import tests.conftest, deploy.stack as s, schemas.settings as c; s.down(c.load_settings())"
+                                                           # stop the test stack (status: s.status(...))
 """
 
 from __future__ import annotations
