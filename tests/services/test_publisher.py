@@ -7,7 +7,7 @@ import json
 
 from stream_events import build_event
 
-from services.publisher import BadLine, derive_event_id, parse_record, read_csv, read_jsonl
+from services.publisher import BadLine, derive_event_id, medquad_events, parse_record, read_csv, read_jsonl
 
 
 def test_jsonl_reports_each_bad_line_and_keeps_the_rest():
@@ -34,3 +34,11 @@ def test_csv_rows_validate_and_empty_cells_mean_absent():
     assert out[0].user_rating == 4 and out[0].qtype is None
     assert [(r.line, "answer" in r.reason or "user_rating" in r.reason or "cells" in r.reason)
             for r in out[1:]] == [(3, True), (4, True), (5, True)]
+
+
+def test_medquad_sample_is_seeded_and_republishing_repeats_ids():
+    first = medquad_events(5, seed=7)
+    again = medquad_events(5, seed=7)
+    assert len(first) == 5 and [e.event_id for e in first] == [e.event_id for e in again]
+    assert [e.event_id for e in medquad_events(5, seed=8)] != [e.event_id for e in first]
+    assert all(e.event_id == derive_event_id(e.question, e.answer) for e in first)

@@ -138,6 +138,8 @@ def test_5000_events_with_malformed_and_duplicates_give_exact_counts(env_factory
         assert letter.reason.split(":")[0] == malformed[original], letter.reason
         assert letter.source_topic == env.settings.kafka.events_topic and letter.offset >= 0
     assert sum(v for k, v in metrics.items() if k.startswith("medretrain_events_dead_lettered_total")) == 250
+    assert {k for k in metrics if k.startswith("medretrain_consumer_lag{")} == {
+        f'medretrain_consumer_lag{{partition="{p}",topic="{env.settings.kafka.events_topic}"}}' for p in (0, 1)}
 
     requests = [RetrainRequest.model_validate_json(r.value) for r in read_topic(env.settings, env.settings.kafka.requests_topic)]
     assert len(requests) == 1, "threshold + cooldown: exactly one request"
@@ -252,3 +254,34 @@ def test_cooldown_in_flight_and_manual_requests(env_factory):
     assert on_topic[1].overrides == {"train": {"lr": 1e-4}} and on_topic[1].requested_by == "tester"
     assert on_topic[1].evidence["text"] == "new cardiology guideline"
     assert [r.watermark for r in on_topic] == [6, 12, 18]
+
+
+def _cli(env, *args: str):
+    from typer.testing import CliRunner
+
+    from services.cli import build_app
+
+    sets = [part for pair in env.overrides for part in ("--set", pair)]
+    return CliRunner().invoke(build_app(), [*sets, *args], catch_exceptions=False)
+
+
+def test_cli_publish_reports_bad_lines_and_retrain_publishes_a_request(env_factory, tmp_path):
+    env = env_factory()
+    good = [build_event(i) for i in range(3)]
+    lines = [good[0].model_dump_json(), '{"question": "no answer", "source": "x"}', good[1].model_dump_json(),
+             "not json", good[2].model_dump_json()]
+    source = tmp_path / "events.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+
+    published = _cli(env, "publish", str(source))
+    assert published.exit_code == 0, published.output
+    assert "line 2" in published.output and "line 4" in published.output and "sent 3, rejected 2" in published.output
+    on_topic = read_topic(env.settings, env.settings.kafka.events_topic, idle_ms=1500)
+    assert sorted(r.key.decode() for r in on_topic) == sorted(str(e.event_id) for e in good)
+
+    requested = _cli(env, "retrain", "--reason", "guideline update", "--override", "train.lr=0.0001")
+    assert requested.exit_code == 0, requested.output
+    (request,) = _requests_on_topic(env)
+    assert request.reason == "manual" and request.overrides == {"train": {"lr": "0.0001"}}
+    bad = _cli(env, "retrain", "--reason", "x", "--override", "train.nope=1")
+    assert bad.exit_code != 0 and "overrides" in bad.output
