@@ -190,6 +190,15 @@ class TuneSettings(_Section):
     seed: int = 7
 
 
+class OrchestratorSettings(_Section):
+    max_attempts: int = Field(2, ge=1)
+    """Ray job attempts per retrain request before it is marked failed."""
+    poll_interval_s: float = Field(1.0, gt=0)
+    """Pause between two looks at the topic and the running job."""
+    max_step_s: float = Field(3600.0, gt=0)
+    """Longest expected gap between two consumer polls (an evaluation runs in between)."""
+
+
 class EvalSettings(_Section):
     sample_size: int = Field(32, ge=1)
     """Questions per set that get generated answers (seeded)."""
@@ -223,6 +232,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     tune: TuneSettings = TuneSettings()
     evaluate: EvalSettings = EvalSettings()
+    orchestrator: OrchestratorSettings = OrchestratorSettings()
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:

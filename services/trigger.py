@@ -117,7 +117,7 @@ def _in_flight(conn: Connection) -> str | None:
     return conn.execute(stmt).scalar_one_or_none()
 
 
-def _cooldown_left(conn: Connection, settings: Settings) -> float:
+def cooldown_left(conn: Connection, settings: Settings) -> float:
     stmt = select(RetrainRequestRow.created_at).where(RetrainRequestRow.reason.in_(("threshold", "drift")))
     last = conn.execute(stmt.order_by(RetrainRequestRow.created_at.desc()).limit(1)).scalar_one_or_none()
     if last is None:
@@ -132,7 +132,7 @@ def _automatic_gate(engine: Engine, settings: Settings, window: _Window) -> tupl
         blocking = _in_flight(conn)
         if blocking is not None:
             return "coalesced", f"{window.pending} rows wait: retrain {blocking} is in flight"
-        left = _cooldown_left(conn, settings)
+        left = cooldown_left(conn, settings)
     if left > 0:
         return "cooldown", f"{window.pending} rows wait: cooldown has {left:.0f}s left"
     return None
