@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TRIGGER_RECHECK_S = 5.0
 DB_RETRY_MAX_S = 30.0
+EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: a supervisor restarts the worker, which replays the batch
 
 
 class BatchSink:
@@ -51,6 +53,20 @@ class BatchSink:
         """The last check waited on cooldown or an in-flight retrain; only the timer checks again."""
 
     async def handle(self, records: Sequence[SourceRecord]) -> None:
+        """Store and dead-letter one batch; on an unexpected error, exit before faust can ack it.
+
+        ``take_events`` acks a batch even when the loop body raises, and acked offsets get
+        committed: a hard exit instead means the batch is read again after the restart.
+        """
+        try:
+            await self._handle(records)
+        except Exception:
+            log.critical("batch of %d records from %s failed; exiting without committing it", len(records),
+                         records[0].topic if records else "?", exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_BATCH_FAILED)
+
+    async def _handle(self, records: Sequence[SourceRecord]) -> None:
         started = time.perf_counter()
         metrics.CONSUMED.inc(len(records))
         batch = split_batch(records, self.settings)
