@@ -27,5 +27,6 @@ test-fast: install
 stack-down:
 	$(VENV)/bin/medretrain stack down
 
-clean: stack-down
-	rm -rf .medretrain
+# Back to nothing: services stopped, stack home deleted, the stack's PostgreSQL databases dropped.
+clean:
+	$(VENV)/bin/medretrain stack down --purge

@@ -11,6 +11,8 @@ import logging
 
 import typer
 
+from deploy import process
+
 stack_app = typer.Typer(
     help="The embedded stack: S3 (SeaweedFS), Kafka protocol (Tansu), MLflow, Ray head.", no_args_is_help=True
 )
@@ -46,17 +48,28 @@ def up_command(ctx: typer.Context) -> None:
 
 
 @stack_app.command("down")
-def down_command(ctx: typer.Context) -> None:
-    """Stop the services this stack started (state under the stack home is kept)."""
+def down_command(
+    ctx: typer.Context,
+    purge: bool = typer.Option(False, "--purge", help="Also delete the stack home and drop its PostgreSQL databases"),
+) -> None:
+    """Stop the services this stack started (state under the stack home is kept unless --purge)."""
+    import shutil
+
     from rich.console import Console
 
     from deploy import stack
+    from deploy.services.postgres import drop_databases
     from services.cli import settings_of
 
-    console = Console()
-    stopped = stack.down(settings_of(ctx), progress=lambda m: console.print(f"[green]✓[/] {m}"))
+    settings, console = settings_of(ctx), Console()
+    for name in ("accumulator", "orchestrator"):  # the demo's services run beside the stack
+        process.stop(settings.stack.home, name)
+    stopped = stack.down(settings, progress=lambda m: console.print(f"[green]✓[/] {m}"))
     if not stopped:
         console.print("nothing was running")
+    if purge:
+        shutil.rmtree(settings.stack.home, ignore_errors=True)
+        console.print(f"[green]✓[/] removed {settings.stack.home}; dropped databases {drop_databases(settings)}")
 
 
 @stack_app.command("status")

@@ -46,6 +46,9 @@ def _root(
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
+    # Client libraries narrate every connection at INFO; people want our progress, not theirs.
+    for noisy in ("kafka", "aiokafka", "urllib3", "botocore", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     try:
         ctx.obj = load_settings(overrides)
     except ValueError as e:

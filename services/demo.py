@@ -104,6 +104,25 @@ def wait_for_final(settings: Settings, since: datetime, timeout_s: float,
                        f"{settings.stack.home / 'logs'}")
 
 
+def unseen_events(settings: Settings, n: int, seed: int) -> list:
+    """``n`` production events the store has not accepted yet, so a repeated demo still reaches the threshold."""
+    from sqlalchemy import select
+
+    from services.publisher import medquad_events
+    from services.store import QAEventRow, create_schema, make_engine
+
+    everything = medquad_events(10**9, seed)  # the whole production split, shuffled
+    engine = make_engine(settings)
+    create_schema(engine)
+    with engine.connect() as conn:
+        stored = set(conn.execute(select(QAEventRow.event_id)).scalars())
+    engine.dispose()
+    fresh = [e for e in everything if str(e.event_id) not in stored][:n]
+    if len(fresh) < settings.trigger.threshold:
+        raise RuntimeError(f"only {len(fresh)} production events are new to this store; reset it with `make clean`")
+    return fresh
+
+
 def threshold_crossed_at(settings: Settings, request_id: str) -> datetime | None:
     """When the row that made the pending count reach the threshold was stored."""
     from sqlalchemy import select
@@ -112,9 +131,9 @@ def threshold_crossed_at(settings: Settings, request_id: str) -> datetime | None
 
     engine = make_engine(settings)
     with engine.connect() as conn:
-        request = conn.execute(select(RetrainRequestRow).where(RetrainRequestRow.request_id == request_id)).scalar_one()
-        low = conn.execute(select(SnapshotRow.min_row_id).where(SnapshotRow.snapshot_id == request.snapshot_id)
-                           ).scalar_one_or_none()
+        snapshot_id = conn.execute(select(RetrainRequestRow.snapshot_id).where(RetrainRequestRow.request_id == request_id)
+                                   ).scalar_one()
+        low = conn.execute(select(SnapshotRow.min_row_id).where(SnapshotRow.snapshot_id == snapshot_id)).scalar_one_or_none()
         stmt = select(QAEventRow.ingested_at).where(QAEventRow.row_id >= (low or 0)).order_by(QAEventRow.row_id)
         crossing = conn.execute(stmt.offset(settings.trigger.threshold - 1).limit(1)).scalar_one_or_none()
     engine.dispose()
@@ -158,7 +177,7 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
         start_services(settings)
     since = utcnow()
     with stage(f"{events} production QA events published") as spinner:
-        summary = publisher.publish(settings, publisher.medquad_events(events, seed))
+        summary = publisher.publish(settings, unseen_events(settings, events, seed))
         spinner.update(f"published {summary.sent}")
     with stage("threshold -> train -> gate -> promotion") as spinner:
         seen = wait_for_final(settings, since, timeout_s, show=lambda m: spinner.update(m))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer
 from pydantic import ValidationError
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 
 from schemas.events import RetrainPhase, RetrainRequest, RetrainStatus, utcnow
 from schemas.settings import Settings
@@ -51,12 +51,12 @@ def record_request(engine: Engine, request: RetrainRequest) -> bool:
     return True
 
 
-def next_request(engine: Engine) -> RetrainRequestRow | None:
+def next_request(engine: Engine) -> Row | None:
     """The retrain to work on: one already started (reattach) first, else the oldest requested."""
     with engine.connect() as conn:
         for state in ("started", "requested"):
             stmt = select(RetrainRequestRow).where(RetrainRequestRow.state == state)
-            row = conn.execute(stmt.order_by(RetrainRequestRow.created_at).limit(1)).scalar_one_or_none()
+            row = conn.execute(stmt.order_by(RetrainRequestRow.created_at).limit(1)).first()
             if row is not None:
                 return row
     return None
@@ -93,7 +93,7 @@ class Orchestrator:
             self.follow(row)
         return True
 
-    def submit(self, row: RetrainRequestRow, attempt: int) -> None:
+    def submit(self, row: Row, attempt: int) -> None:
         from deploy.ray_env import runtime_env
 
         job_id = submission_id(row.request_id, attempt)
@@ -110,7 +110,7 @@ class Orchestrator:
             log.info("job %s was submitted before a restart; reattaching", job_id)
         self.publish(row.request_id, "started", ray_job_id=job_id, detail=f"attempt {attempt}")
 
-    def follow(self, row: RetrainRequestRow) -> None:
+    def follow(self, row: Row) -> None:
         try:
             status = str(self.jobs.get_job_status(row.ray_job_id))
         except RuntimeError:
@@ -126,7 +126,7 @@ class Orchestrator:
         else:
             self.retry_or_fail(row, status)
 
-    def retry_or_fail(self, row: RetrainRequestRow, status: str) -> None:
+    def retry_or_fail(self, row: Row, status: str) -> None:
         logs = self.jobs.get_job_logs(row.ray_job_id)
         reason = f"Ray job {row.ray_job_id} {status}: {_last_error(logs)}"
         if row.attempts < self.settings.orchestrator.max_attempts:
@@ -136,7 +136,7 @@ class Orchestrator:
         set_state(self.engine, row.request_id, state="failed", detail=reason)
         self.publish(row.request_id, "failed", ray_job_id=row.ray_job_id, detail=reason[:2000])
 
-    def finish(self, row: RetrainRequestRow) -> None:
+    def finish(self, row: Row) -> None:
         """Gate the trained candidate and apply the verdict; idempotent if interrupted midway."""
         from evaluator import evaluate, promotion
         from trainer import tracking

@@ -39,7 +39,7 @@ def _store_part(settings: Settings, status: SystemStatus) -> None:
     with engine.connect() as conn:
         status.rows_since_snapshot = count_rows_between(conn, last_watermark(conn))
         status.cooldown_left_s = cooldown_left(conn, settings)
-        rows = conn.execute(select(RetrainRequestRow).order_by(RetrainRequestRow.created_at.desc()).limit(5)).scalars()
+        rows = conn.execute(select(RetrainRequestRow).order_by(RetrainRequestRow.created_at.desc()).limit(5)).all()
         status.recent = [
             {"request": r.request_id, "reason": r.reason, "state": r.state, "version": r.model_version,
              "attempts": r.attempts, "detail": r.detail, "at": r.updated_at, "ray_job": r.ray_job_id}

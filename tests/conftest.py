@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 TEST_ENV = {
-    "MEDRETRAIN_STACK__HOME": str(REPO / ".medretrain" / "test-stack"),
+    # A sibling of the dev home, never inside it: `stack down --purge` of the dev stack must not touch it.
+    "MEDRETRAIN_STACK__HOME": str(REPO / ".medretrain-test"),
     "MEDRETRAIN_STACK__S3_MASTER_PORT": "27933",
     "MEDRETRAIN_STACK__S3_VOLUME_PORT": "27080",
     "MEDRETRAIN_STACK__S3_FILER_PORT": "27888",
