@@ -1,0 +1,53 @@
+"""Contracts reject what they must and the exported JSON Schemas match the code."""
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.events import MAX_QUESTION_CHARS, QAEvent, RetrainRequest
+from schemas.export import OUT, rendered
+from schemas.settings import load_settings, parse_overrides
+
+GOOD = {"event_id": str(uuid.uuid4()), "question": "What is glaucoma?", "answer": "An eye disease.", "source": "NEI"}
+
+
+def test_qa_event_round_trip():
+    event = QAEvent.model_validate(GOOD)
+    assert QAEvent.model_validate_json(event.model_dump_json()) == event
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"schema_version": 2}, "unsupported schema_version 2"),
+    ({"question": ""}, "question"),
+    ({"question": "x" * (MAX_QUESTION_CHARS + 1)}, "question"),
+    ({"event_id": "not-a-uuid"}, "event_id"),
+    ({"surprise": 1}, "surprise"),
+    ({"user_rating": 9}, "user_rating"),
+])
+def test_qa_event_rejects_bad_input_with_a_clear_reason(change, needle):
+    with pytest.raises(ValidationError, match=needle):
+        QAEvent.model_validate(GOOD | change)
+
+
+def test_request_id_depends_only_on_reason_and_watermark():
+    assert RetrainRequest.derive_id("threshold", 400) == RetrainRequest.derive_id("threshold", 400)
+    assert RetrainRequest.derive_id("threshold", 400) != RetrainRequest.derive_id("threshold", 401)
+    assert RetrainRequest.derive_id("threshold", 400) != RetrainRequest.derive_id("drift", 400)
+
+
+def test_settings_overrides_are_validated_all_at_once():
+    assert load_settings(["train.lr=0.001", "train.lora.r=4"]).train.lora.r == 4
+    with pytest.raises(ValueError) as e:
+        load_settings(["train.lr=-1", "trigger.threshold=0"])
+    assert "train.lr" in str(e.value) and "trigger.threshold" in str(e.value)
+    with pytest.raises(ValueError, match="section.field=value"):
+        parse_overrides(["nonsense"])
+
+
+def test_exported_json_schemas_are_current():
+    assert {p.name: p.read_text() for p in OUT.glob("*.json")} == rendered()
+    check = subprocess.run([sys.executable, "-m", "schemas.export", "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
