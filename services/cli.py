@@ -48,7 +48,7 @@ def _root(
     )
     # Client libraries narrate every connection at INFO; people want our progress, not theirs.
     for noisy in ("kafka", "aiokafka", "urllib3", "botocore", "faust", "mode"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
         ctx.obj = load_settings(overrides)
     except ValueError as e:

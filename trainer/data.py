@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from schemas.data import QAPair
-from trainer.packing import IGNORE, Example
+from trainer.packing import IGNORE, Example, PackedRow, collate_packed, pack_examples
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,19 @@ def collate(items: Sequence[tuple[int, Example]], pad_id: int) -> dict[str, torc
         attention_mask[i, :n] = 1
     row_ids = torch.tensor([row_id for row_id, _ in items], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "row_ids": row_ids}
+
+
+def pack_items(items: Sequence[tuple[int, Example]], row_len: int, pad_id: int) -> list[tuple[tuple[int, ...], PackedRow]]:
+    """Encoded (row id, example) pairs packed into fixed-length rows, each with the row ids it holds."""
+    rows = pack_examples([e for _, e in items], row_len, pad_id)
+    return [(tuple(items[m][0] for m in row.members), row) for row in rows]
+
+
+def collate_packed_items(items: Sequence[tuple[tuple[int, ...], PackedRow]]) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed rows; ``row_ids`` lists every pair in it (the data position bookkeeping)."""
+    batch = collate_packed([row for _, row in items])
+    batch["row_ids"] = torch.tensor([i for ids, _ in items for i in ids], dtype=torch.long)
+    return batch
 
 
 def sample_replay(pool: Sequence[QAPair], n_new: int, ratio: float, seed: int, floor: int) -> list[QAPair]:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from schemas.data import QAPair
 from schemas.settings import TrainSettings
-from trainer.data import StepBatchSampler, collate, encode_rows, eval_shard
+from trainer.data import StepBatchSampler, collate, collate_packed_items, encode_rows, eval_shard, pack_items
 from trainer.loss import answer_loss
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,16 @@ class RankData(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.train_items = encode_rows(self.tokenizer, self.train_rows, self.cfg.max_length)
+        if self.cfg.packing:
+            # Rows of max_length tokens holding several pairs each: the sampler then walks packed rows.
+            self.train_items = pack_items(self.train_items, self.cfg.max_length, self.tokenizer.pad_token_id)
         self.val_items = encode_rows(self.tokenizer, self.val_rows, self.cfg.max_length)
 
     def _collate(self):
         return partial(collate, pad_id=self.tokenizer.pad_token_id)
+
+    def _train_collate(self):
+        return collate_packed_items if self.cfg.packing else self._collate()
 
     def position(self) -> int:
         """Micro-batches this rank has consumed: checkpoints are taken at optimizer-step boundaries."""
@@ -113,7 +119,7 @@ class RankData(L.LightningDataModule):
             start=start,
             count=min(per_epoch, remaining),
         )
-        return DataLoader(self.train_items, batch_sampler=sampler, collate_fn=self._collate())
+        return DataLoader(self.train_items, batch_sampler=sampler, collate_fn=self._train_collate())
 
     def val_dataloader(self) -> DataLoader:
         shard = [self.val_items[i] for i in eval_shard(len(self.val_items), self.trainer.global_rank, self.trainer.world_size)]

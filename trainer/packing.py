@@ -32,6 +32,8 @@ class PackedRow:
     position_ids: list[int]
     real_tokens: int
     """Tokens before the padding tail."""
+    members: tuple[int, ...] = ()
+    """Indices (into the packed list) of the examples in this row, in row order."""
 
 
 def pack_examples(examples: Sequence[Example], row_len: int, pad_id: int) -> list[PackedRow]:
@@ -43,37 +45,36 @@ def pack_examples(examples: Sequence[Example], row_len: int, pad_id: int) -> lis
     if row_len < 2:
         raise ValueError(f"row_len must be >= 2, got {row_len}")
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    bins: list[list[Example]] = []
+    bins: list[list[int]] = []
     free: list[int] = []
     for i in order:
-        ex = examples[i]
-        if len(ex.input_ids) > row_len:
-            ex = Example(ex.input_ids[:row_len], ex.labels[:row_len])
-        size = len(ex.input_ids)
+        size = min(len(examples[i].input_ids), row_len)
         slot = next((b for b, room in enumerate(free) if room >= size), None)
         if slot is None:
             bins.append([])
             free.append(row_len)
             slot = len(bins) - 1
-        bins[slot].append(ex)
+        bins[slot].append(i)
         free[slot] -= size
-    return [_fill_row(members, row_len, pad_id) for members in bins]
+    return [_fill_row(examples, members, row_len, pad_id) for members in bins]
 
 
-def _fill_row(members: list[Example], row_len: int, pad_id: int) -> PackedRow:
+def _fill_row(examples: Sequence[Example], members: list[int], row_len: int, pad_id: int) -> PackedRow:
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    for ex in members:
-        ids += ex.input_ids
+    for i in members:
+        ex = examples[i]
+        n = min(len(ex.input_ids), row_len)
+        ids += ex.input_ids[:n]
         # The first token of a pair is never a target: its left neighbour belongs to another pair.
-        labels += [IGNORE] + ex.labels[1:]
-        positions += list(range(len(ex.input_ids)))
+        labels += [IGNORE] + ex.labels[1:n]
+        positions += list(range(n))
     pad = row_len - len(ids)
     ids += [pad_id] * pad
     labels += [IGNORE] * pad
     positions += list(range(pad))
-    return PackedRow(ids, labels, positions, real_tokens=row_len - pad)
+    return PackedRow(ids, labels, positions, real_tokens=row_len - pad, members=tuple(members))
 
 
 def collate_packed(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:

@@ -84,10 +84,15 @@ def close_env(env: StreamEnv) -> None:
 
 def start_accumulator(env: StreamEnv, log_path: Path) -> subprocess.Popen:
     """The real CLI in its own process (so it can be SIGKILLed)."""
+    return start_service(env, log_path, "accumulator", "--loglevel", "warn")
+
+
+def start_service(env: StreamEnv, log_path: Path, name: str, *options: str) -> subprocess.Popen:
+    """``medretrain serve <name>`` with the test's settings, in its own process."""
     args = [str(REPO / ".venv" / "bin" / "medretrain")]
     for pair in env.overrides:
         args += ["--set", pair]
-    args += ["serve", "accumulator", "--loglevel", "warn"]
+    args += ["serve", name, *options]
     with log_path.open("ab") as log:
         return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
 

@@ -87,3 +87,15 @@ def test_other_pair_changes_neither_loss_nor_gradients():
     loss2, grads2 = loss_and_grads(range(60, 71))
     assert torch.allclose(loss1, loss2, atol=1e-6)
     assert all(torch.allclose(g1, g2, atol=1e-6) for g1, g2 in zip(grads1, grads2, strict=True))
+
+
+def test_pack_items_keeps_every_row_id_once():
+    from trainer.data import collate_packed_items, pack_items
+
+    items = [(100 + i, _example(range(1, 3 + i), 1)) for i in range(12)]
+    packed = pack_items(items, row_len=16, pad_id=0)
+    seen = sorted(i for ids, _ in packed for i in ids)
+    assert seen == [100 + i for i in range(12)]
+    batch = collate_packed_items(packed[:2])
+    assert batch["input_ids"].shape == (2, 16) and "attention_mask" not in batch
+    assert sorted(batch["row_ids"].tolist()) == sorted(i for ids, _ in packed[:2] for i in ids)
