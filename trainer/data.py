@@ -80,7 +80,8 @@ def collate(items: Sequence[tuple[int, Example]], pad_id: int) -> dict[str, torc
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     row_ids = torch.tensor([row_id for row_id, _ in items], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "row_ids": row_ids}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "row_ids": row_ids,
+            "num_tokens": attention_mask.sum()}
 
 
 def pack_items(items: Sequence[tuple[int, Example]], row_len: int, pad_id: int) -> list[tuple[tuple[int, ...], PackedRow]]:

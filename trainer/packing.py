@@ -83,6 +83,7 @@ def collate_packed(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
         "input_ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long),
         "labels": torch.tensor([r.labels for r in rows], dtype=torch.long),
         "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
+        "num_tokens": torch.tensor(sum(r.real_tokens for r in rows), dtype=torch.long),
     }
 
 

@@ -157,7 +157,7 @@ class StepMetrics(L.Callback):
         self.last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += int(batch["num_tokens"])  # real tokens, padded or packed
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum")
@@ -203,9 +203,13 @@ class RowsSeen(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.rows:  # every rank agrees: a finished run resumed with nothing left to read
             return
-        gathered = trainer.strategy.all_gather(torch.cat(self.rows))
+        mine = torch.cat(self.rows)
+        # all_gather needs equal shapes; packed batches hold different numbers of rows per rank.
+        longest = int(trainer.strategy.reduce(torch.tensor(float(mine.numel())), reduce_op="max"))
+        padded = torch.cat([mine, mine.new_full((longest - mine.numel(),), -1)])
+        gathered = trainer.strategy.all_gather(padded)
         if not (self.run_id and trainer.is_global_zero):
             return
-        by_rank = gathered.reshape(trainer.world_size, -1) if trainer.world_size > 1 else gathered.reshape(1, -1)
-        payload = {str(rank): sorted(set(row.tolist())) for rank, row in enumerate(by_rank)}
+        by_rank = gathered.reshape(trainer.world_size, -1)
+        payload = {str(rank): sorted({i for i in row.tolist() if i >= 0}) for rank, row in enumerate(by_rank)}
         log_json(self.settings, self.run_id, "rows_by_rank.json", payload, artifact_path="data")
