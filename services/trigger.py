@@ -118,6 +118,7 @@ def _in_flight(conn: Connection) -> str | None:
 
 
 def cooldown_left(conn: Connection, settings: Settings) -> float:
+    """Seconds until an automatic request may go again (manual requests neither wait nor start it)."""
     stmt = select(RetrainRequestRow.created_at).where(RetrainRequestRow.reason.in_(("threshold", "drift")))
     last = conn.execute(stmt.order_by(RetrainRequestRow.created_at.desc()).limit(1)).scalar_one_or_none()
     if last is None:
