@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def main() -> None:
         log.info("published %d events at %.0f/s", sent.sent, sent.per_second)
         # Raw before and after: the host is shared, so its load drifts during the run.
         raw_runs = [raw_consume_rate(env.settings, args.events)]
-        e2e, startup = end_to_end_rate(env, args.events, args.out.with_suffix(".accumulator.log"))
+        e2e, startup = end_to_end_rate(env, args.events, Path(tempfile.gettempdir()) / "medretrain-bench-ingest.log")
         raw_runs.append(raw_consume_rate(env.settings, args.events))
         raw = sum(raw_runs) / len(raw_runs)
         log.info("raw kafka-python consume: %s records/s; end to end into PostgreSQL: %.0f events/s",
@@ -122,7 +123,8 @@ def main() -> None:
         "goal_met": e2e / raw >= 0.5,
         "accumulator_startup_s": round(startup, 1),
         "database": env.settings.database.url.split("+")[0],
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "host": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+                 "python": platform.python_version(), "machine": platform.machine()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
