@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -80,7 +81,9 @@ def check_lora_shape(request: RetrainRequest, adapter: dict[str, Any]) -> None:
         )
 
 
-def training_rows(settings: Settings, request: RetrainRequest) -> tuple[SnapshotManifest | None, list[QAPair], list[QAPair]]:
+def training_rows(
+    settings: Settings, request: RetrainRequest
+) -> tuple[SnapshotManifest | None, list[QAPair], list[QAPair]]:
     """(manifest, train rows = snapshot + MedQuAD replay, validation rows from MedQuAD), all seeded."""
     from trainer.medquad import load_medquad
     from trainer.snapshots import read_snapshot
@@ -96,7 +99,8 @@ def training_rows(settings: Settings, request: RetrainRequest) -> tuple[Snapshot
     return manifest, mix_rows(new_rows, replay), val_rows
 
 
-def run_params(settings: Settings, request: RetrainRequest, parent_version: str) -> dict[str, Any]:
+def run_params(settings: Settings, request: RetrainRequest, parent) -> dict[str, Any]:
+    """MLflow params of a retrain; ``parent`` is the resolved version training starts from."""
     cfg = settings.train
     return {
         "num_gpus": cfg.num_workers if cfg.use_gpu else 0,
@@ -112,7 +116,8 @@ def run_params(settings: Settings, request: RetrainRequest, parent_version: str)
         "global_batch_size": cfg.micro_batch_size * cfg.gradient_accum * cfg.num_workers,
         "max_length": cfg.max_length,
         "max_steps": cfg.max_steps,
-        "parent_version": parent_version,
+        "parent_version": parent.version,
+        "adapter_init": f"continued v{parent.version}" if parent.adapter_dir else "fresh",
         "snapshot_id": request.snapshot_id or "",
         "request_id": request.request_id,
     }
@@ -122,12 +127,19 @@ def rows_payload(rows: list[QAPair]) -> list[dict[str, Any]]:
     return [row.model_dump(mode="json", exclude={"split"}) for row in rows]
 
 
-def build_lightning_trainer(settings: Settings, run_id: str | None, first_attempt: bool) -> L.Trainer:
+def build_lightning_trainer(
+    settings: Settings, run_id: str | None, first_attempt: bool, extra_callbacks: Sequence[L.Callback] = ()
+) -> L.Trainer:
     """The per-worker Lightning Trainer: Ray DDP, an epoch per checkpoint, rank-0 MLflow metrics."""
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
     cfg = settings.train
-    callbacks: list[L.Callback] = [RayTrainReportCallback(), tracking.StepMetrics(settings, run_id), tracking.RowsSeen(settings, run_id)]
+    callbacks: list[L.Callback] = [
+        RayTrainReportCallback(),
+        tracking.StepMetrics(settings, run_id),
+        tracking.RowsSeen(settings, run_id),
+        *extra_callbacks,
+    ]
     if cfg.fault_at_step and first_attempt:
         callbacks.append(InjectedFault(cfg.fault_at_step))
     trainer = L.Trainer(
@@ -254,8 +266,9 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
     tags = {**lineage.as_tags(), tracking.REQUEST_TAG: request.request_id, tracking.BASE_VERSION_TAG: parent.base_version}
     run_id = tracking.start_or_resume(settings, run_id, {**tags, tracking.KIND_TAG: "retrain"}, request.request_id)
     lineage = lineage.model_copy(update={"run_id": run_id})
-    tracking.log_params(settings, run_id, run_params(settings, request, parent.version))
-    tracking.log_json(settings, run_id, "train_config.json", {"train": settings.train.model_dump(mode="json"), "request": request.model_dump(mode="json")})
+    tracking.log_params(settings, run_id, run_params(settings, request, parent))
+    resolved_config = {"train": settings.train.model_dump(mode="json"), "request": request.model_dump(mode="json")}
+    tracking.log_json(settings, run_id, "train_config.json", resolved_config)
     loop_config = {
         "settings": settings.model_dump_json(),
         "model_version": parent.version,

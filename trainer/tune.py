@@ -59,10 +59,11 @@ def trial_func(config: dict[str, Any], shared: dict[str, Any]) -> None:
     settings = with_overrides(Settings.model_validate_json(shared["settings"]), {"train": overrides})
     trial = ray.tune.get_context().get_trial_id()
     tags = {tracking.KIND_TAG: "tune-trial", "medretrain.tune_id": shared["tune_id"], "medretrain.trial_id": trial}
-    run_id = tracking.open_run(settings, tags, run_name=f"{shared['tune_id']}-{trial}", parent_run_id=shared["parent_run_id"])
+    name = f"{shared['tune_id']}-{trial}"
+    run_id = tracking.open_run(settings, tags, run_name=name, parent_run_id=shared["parent_run_id"])
     lora = overrides["lora"]
-    params = {"lr": overrides["lr"], "micro_batch_size": overrides["micro_batch_size"], "lora_r": lora["r"], "lora_alpha": lora["alpha"]}
-    tracking.log_params(settings, run_id, params)
+    tracking.log_params(settings, run_id, {"lr": overrides["lr"], "micro_batch_size": overrides["micro_batch_size"]})
+    tracking.log_params(settings, run_id, {"lora_r": lora["r"], "lora_alpha": lora["alpha"]})
     loop_config = {
         "settings": settings.model_dump_json(),
         "model_version": shared["model_version"],
@@ -70,7 +71,7 @@ def trial_func(config: dict[str, Any], shared: dict[str, Any]) -> None:
         "train_rows": shared["train_rows"],
         "val_rows": shared["val_rows"],
     }
-    trainer = build_torch_trainer(settings, f"{shared['tune_id']}-{trial}", loop_config, callbacks=[TuneReportCallback()])
+    trainer = build_torch_trainer(settings, name, loop_config, callbacks=[TuneReportCallback()])
     with tracking.finishing(settings, run_id):
         trainer.fit()
 
@@ -88,9 +89,10 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
     request = RetrainRequest(request_id=tune_id, reason="manual", watermark=0, snapshot_id=snapshot_id)
     _, train_rows, val_rows = training_rows(settings, request)
     base_version = resolve(settings, "champion").base_version  # the searched LoRA shape needs a fresh adapter
-    parent_run_id = tracking.open_run(settings, {tracking.KIND_TAG: "tune", "medretrain.tune_id": tune_id}, run_name=tune_id)
-    params = {"num_samples": cfg.num_samples, "max_steps": cfg.max_steps, "snapshot_id": snapshot_id or "", "base_version": base_version}
-    tracking.log_params(settings, parent_run_id, params)
+    tags = {tracking.KIND_TAG: "tune", "medretrain.tune_id": tune_id}
+    parent_run_id = tracking.open_run(settings, tags, run_name=tune_id)
+    params = {"num_samples": cfg.num_samples, "max_steps": cfg.max_steps, "snapshot_id": snapshot_id or ""}
+    tracking.log_params(settings, parent_run_id, {**params, "base_version": base_version})
     shared = {
         "settings": settings.model_dump_json(),
         "tune_id": tune_id,
@@ -120,8 +122,9 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
     with tracking.finishing(settings, parent_run_id):
         best = tuner.fit().get_best_result(metric=METRIC, mode=MODE)
         best_overrides = trial_overrides(best.config)
-        tracking.log_json(settings, parent_run_id, "best_config.json", {"train": best_overrides, METRIC: best.metrics.get(METRIC)})
+        summary = {"train": best_overrides, METRIC: best.metrics.get(METRIC), "trial": best.path}
+        tracking.log_json(settings, parent_run_id, "best_config.json", summary)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(best_overrides, indent=2, sort_keys=True))
-    log.info("best of %s: %s (%s %.4f), written to %s", tune_id, best_overrides, METRIC, best.metrics.get(METRIC, float("nan")), out)
+    log.info("best of %s: %s (%s %s), written to %s", tune_id, best_overrides, METRIC, best.metrics.get(METRIC), out)
     return best_overrides

@@ -16,7 +16,7 @@ TRAIN = [QAPair(question=f"q{i}?", answer=f"a{i}.", source="prod", event_id=str(
 EVAL = [QAPair(question="qe?", answer="ae.", source="prod")]
 
 
-def _jsonl(rows: list[QAPair]) -> bytes:
+def jsonl(rows: list[QAPair]) -> bytes:
     return "".join(row.model_dump_json() + "\n" for row in rows).encode()
 
 
@@ -37,20 +37,20 @@ def upload_snapshot(settings, files: dict[str, bytes], manifest_files: dict[str,
 
 
 def test_reads_rows_and_manifest(stack):
-    snapshot_id = upload_snapshot(stack, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)})
+    snapshot_id = upload_snapshot(stack, {"train.jsonl": jsonl(TRAIN), "eval.jsonl": jsonl(EVAL)})
     manifest, train, eval_rows = read_snapshot(stack, snapshot_id)
     assert manifest.kafka_offsets == {"qa.events:0": 4}
     assert train == TRAIN and eval_rows == EVAL
 
 
 def test_folder_without_manifest_is_refused(stack):
-    snapshot_id = upload_snapshot(stack, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)}, with_manifest=False)
+    snapshot_id = upload_snapshot(stack, {"train.jsonl": jsonl(TRAIN), "eval.jsonl": jsonl(EVAL)}, with_manifest=False)
     with pytest.raises(SnapshotError, match="no manifest.json"):
         read_snapshot(stack, snapshot_id)
 
 
 def test_checksum_mismatch_is_refused(stack):
-    files = {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)}
+    files = {"train.jsonl": jsonl(TRAIN), "eval.jsonl": jsonl(EVAL)}
     wrong = {"train.jsonl": hashlib.sha256(b"other").hexdigest(), "eval.jsonl": hashlib.sha256(files["eval.jsonl"]).hexdigest()}
     snapshot_id = upload_snapshot(stack, files, manifest_files=wrong)
     with pytest.raises(SnapshotError, match="train.jsonl .* sha256"):
@@ -58,7 +58,7 @@ def test_checksum_mismatch_is_refused(stack):
 
 
 def test_bad_row_names_its_line(stack):
-    bad = _jsonl(TRAIN[:1]) + b'{"question": "no answer"}\n'
-    snapshot_id = upload_snapshot(stack, {"train.jsonl": bad, "eval.jsonl": _jsonl(EVAL)})
+    bad = jsonl(TRAIN[:1]) + b'{"question": "no answer"}\n'
+    snapshot_id = upload_snapshot(stack, {"train.jsonl": bad, "eval.jsonl": jsonl(EVAL)})
     with pytest.raises(SnapshotError, match="train.jsonl line 2"):
         read_snapshot(stack, snapshot_id)
