@@ -11,11 +11,13 @@ candidate's run as ``decision.json`` plus tags; promotion then acts on that Verd
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +30,10 @@ from schemas.settings import Settings
 log = logging.getLogger(__name__)
 
 RUN_TAG_PREFIX = "medretrain.gate"
+BASELINE_CACHE_DIR = "eval_cache"
+"""Artifact folder on a champion's run holding its measurements, keyed by everything they depend on."""
+MEASUREMENT_VERSION = 1
+"""Bump when a metric's definition changes: cached champion measurements then no longer match."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,41 @@ def _measure_resolved(resolved, sets: Sequence[EvalSet], settings: Settings, lab
     return measure(model, tokenizer, sets, settings, label)  # the model is freed on return: one in memory at a time
 
 
+def baseline_key(version: str, sets: Sequence[EvalSet], settings: Settings) -> str:
+    """Hash of what a champion measurement depends on: version, rows, generation and loss settings."""
+    ev = settings.evaluate
+    payload = {
+        "measurement_version": MEASUREMENT_VERSION,
+        "version": version,
+        "max_length": settings.train.max_length,
+        "generation": [ev.max_new_tokens, ev.batch_size],
+        "sets": {s.name: [[r.model_dump_json() for r in s.loss_rows], [r.question for r in s.sample]] for s in sets},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def measure_champion(settings: Settings, champion, sets: Sequence[EvalSet]) -> Measurement:
+    """The champion's measurement, computed once per (version, data, settings) and cached on its run.
+
+    Every evaluation compares against the same champion until it changes, so rescoring it would
+    double the stage's cost for identical numbers.
+    """
+    from trainer.registry import registry_client
+    from trainer.tracking import log_json
+
+    client = registry_client(settings)
+    run_id = client.get_model_version(champion.name, champion.version).run_id
+    name = f"{baseline_key(champion.version, sets, settings)}.json"
+    if any(f.path.endswith(name) for f in client.list_artifacts(run_id, BASELINE_CACHE_DIR)):
+        import mlflow
+
+        log.info("champion v%s measured before on these rows: reusing %s", champion.version, name)
+        return Measurement(**json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{BASELINE_CACHE_DIR}/{name}")))
+    measurement = _measure_resolved(champion, sets, settings, f"champion v{champion.version}")
+    log_json(settings, run_id, name, asdict(measurement), artifact_path=BASELINE_CACHE_DIR)
+    return measurement
+
+
 def measure_candidate(settings: Settings, candidate: TrainedAdapter, sets: Sequence[EvalSet]) -> Measurement:
     """Download the run's adapter, put it on its base version, and measure it."""
     import mlflow
@@ -133,7 +174,7 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
     sets = build_eval_sets(settings, candidate.lineage)
     champion = resolve(settings, "champion")
     log.info("scoring champion (version %s) and candidate run %s", champion.version, candidate.run_id)
-    baseline = _measure_resolved(champion, sets, settings, f"champion v{champion.version}")
+    baseline = measure_champion(settings, champion, sets)
     challenger = measure_candidate(settings, candidate, sets)
     passed, results = gate.decide(rules, challenger.metrics, baseline.metrics)
     verdict = Verdict(
@@ -195,8 +236,6 @@ def record_decision(settings: Settings, verdict: Verdict, samples: dict) -> None
 
 def read_decision(settings: Settings, run_id: str) -> tuple[Verdict, dict]:
     """(verdict, sample answers) recorded on a candidate run by :func:`record_decision`."""
-    import json
-
     import mlflow
 
     from deploy.clients import use_mlflow

@@ -39,7 +39,8 @@ def answer_loss(
     """Token-weighted mean cross-entropy over answer tokens, its perplexity, and the token count."""
     if not rows:
         raise ValueError(f"{label}: no rows to score")
-    examples = encode_rows(tokenizer, rows, max_length)
+    # Length-sorted batches pad least; the token-weighted sum does not depend on the order.
+    examples = sorted(encode_rows(tokenizer, rows, max_length), key=lambda item: len(item[1].input_ids))
     head = causal_lm(model).get_output_embeddings().weight
     total, count = 0.0, 0
     batches = list(_batches(examples, batch_size))

@@ -140,6 +140,12 @@ def _register(client, name: str, verdict: Verdict) -> str:
     return str(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
 
 
+def registered_version(settings: Settings, run_id: str) -> str | None:
+    """The model version that :func:`apply_verdict` registered for a candidate run (for RetrainStatus)."""
+    client, _ = open_registry(settings)
+    return client.get_run(run_id).data.tags.get(RUN_VERSION_TAG)
+
+
 def apply_verdict(settings: Settings, verdict: Verdict, actor: str = "evaluator") -> str:
     """Register the candidate; a pass gets ``challenger`` (and ``champion`` in auto mode). Returns the version."""
     client, name = open_registry(settings)

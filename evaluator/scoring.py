@@ -6,6 +6,7 @@ loaded by path because the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1).
 
 from __future__ import annotations
 
+import re
 import statistics
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,10 @@ LOSS_METRICS = ("loss", "perplexity", "tokens")
 GENERATION_METRICS = ("rougeL", "bleu", "empty_rate", "degenerate_rate", "len_mean", "len_median", "len_p90")
 METRIC_NAMES = LOSS_METRICS + GENERATION_METRICS
 
+_REPEATED_UNIT = re.compile(r"(.{1,20}?)\1{2,}", re.DOTALL)
+"""A unit of up to 20 characters said three or more times in a row ("ennialennialennialennial")."""
+REPEATED_SPAN_SHARE = 0.5
+"""Answers of which such runs cover at least this share are loops, even without spaces between words."""
 REPETITION_MIN_WORDS = 8
 """Shorter answers are too short to call repetitive."""
 REPETITION_MIN_DISTINCT = 0.5
@@ -38,9 +43,12 @@ def overlap_scores(predictions: list[str], references: list[str]) -> dict[str, f
 
 
 def is_degenerate(text: str) -> bool:
-    """Empty, or so repetitive that fewer than half of its word trigrams are distinct."""
+    """Empty, made mostly of a short unit repeated, or with fewer than half of its word trigrams distinct."""
     words = text.split()
     if not words:
+        return True
+    looped = sum(m.end() - m.start() for m in _REPEATED_UNIT.finditer(text))
+    if looped >= REPEATED_SPAN_SHARE * len(text):
         return True
     if len(words) < REPETITION_MIN_WORDS:
         return False

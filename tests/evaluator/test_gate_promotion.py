@@ -131,7 +131,7 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
         assert (report / name).stat().st_size > 500, name
     assert "production_loss_improves" in (report / "report.html").read_text()
 
-    version = run.data.tags[promotion.RUN_VERSION_TAG]
+    version = promotion.registered_version(settings, candidate.run_id)
     assert aliases(settings) == {"champion": version}
     mv = registry_client(settings).get_model_version(settings.mlflow.registered_model, version)
     assert mv.source == f"runs:/{candidate.run_id}/adapter"
@@ -282,3 +282,26 @@ def test_decision_json_is_a_verdict_with_every_rule(make_settings, make_candidat
     for rule, spec in zip(raw["rules"], FAIL_RULES):
         assert rule["threshold"] == spec["threshold"] and rule["op"] == spec["op"]
         assert isinstance(rule["value"], float) and isinstance(rule["passed"], bool)
+
+
+def test_champion_measurement_is_cached_on_its_run_and_reused(make_settings, make_candidate, tmp_path):
+    import mlflow
+
+    from evaluator.evaluate import BASELINE_CACHE_DIR
+
+    settings = make_settings(PASS_RULES)
+    first = evaluate_run(settings, make_candidate(settings, seed=9))
+    client, name = promotion.open_registry(settings)
+    champion_run = client.get_model_version(name, "1").run_id
+    (cached,) = client.list_artifacts(champion_run, BASELINE_CACHE_DIR)
+    payload = json.loads(mlflow.artifacts.load_text(f"runs:/{champion_run}/{cached.path}"))
+    assert payload["metrics"] == first.metrics["baseline"]
+
+    payload["metrics"]["medquad.loss"] = 123.0  # a marker only a cache hit can return
+    marked = tmp_path / Path(cached.path).name
+    marked.write_text(json.dumps(payload))
+    client.log_artifact(champion_run, str(marked), artifact_path=BASELINE_CACHE_DIR)
+
+    second = evaluate_run(settings, make_candidate(settings, seed=10))
+    assert second.metrics["baseline"]["medquad.loss"] == 123.0
+    assert second.metrics["candidate"]["medquad.loss"] != first.metrics["candidate"]["medquad.loss"]

@@ -47,6 +47,10 @@ def test_identical_answers_score_perfectly():
         ("Glaucoma damages the optic nerve and can lead to blindness if untreated.", False),
         ("the the the the the the the the the the", True),
         ("blood pressure is high blood pressure is high blood pressure is high blood pressure", True),
+        ("ennialennialennialennialennialennialennialennial", True),
+        ("Rim Rim Rim Rim", True),
+        ("Take 1000 mg daily.", False),
+        ("Symptoms include fever, cough, and fatigue; see a doctor if they last more than 3 days.", False),
     ],
 )
 def test_is_degenerate(text, degenerate):
