@@ -95,7 +95,7 @@ def build_batches(train, tokenizer_dir: Path, vocab: int, limit_rows: int | None
     return [(b, int(b["attention_mask"].sum())) for b in batches], total_tokens
 
 
-def build_model(train, weights: Path | None, smoke: bool):
+def build_model(train, weights: Path | None, smoke: bool, vocab_size: int | None = None):
     """TinyLlama-1.1B (random init in the training dtype, straight on the GPU) with the variant's LoRA adapter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,7 +109,8 @@ def build_model(train, weights: Path | None, smoke: bool):
     else:
         torch.manual_seed(0)
         with torch.device("cpu" if smoke else "cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**(SMOKE if smoke else TINYLLAMA))).to(dtype)
+            shape = {**(SMOKE if smoke else TINYLLAMA), **({"vocab_size": vocab_size} if vocab_size else {})}
+            model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype)
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     model = attach_lora(model, train.lora)
     return apply_speed_settings(model, train), matmul_params
