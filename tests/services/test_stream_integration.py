@@ -226,9 +226,9 @@ def test_threshold_yields_one_request_across_a_crash_before_publish_and_a_restar
     _assert_snapshot_matches_store(env, requests[0])
 
 
-def test_cooldown_in_flight_and_manual_requests(env_factory):
+def test_cooldown_in_flight_manual_and_drift_requests(env_factory):
     from schemas.settings import with_overrides
-    from services.trigger import check_threshold, emit_manual
+    from services.trigger import check_threshold, emit_manual, signal_drift
 
     env = env_factory(**{"trigger.threshold": 5, "trigger.cooldown_s": 3600})
     _store_events(env, 6)
@@ -249,11 +249,18 @@ def test_cooldown_in_flight_and_manual_requests(env_factory):
     no_cooldown = with_overrides(env.settings, {"trigger": {"cooldown_s": 0}})
     assert check_threshold(no_cooldown).action == "emitted"
 
+    third = _requests_on_topic(env)[-1]
+    _set_state(env, third.request_id, "rejected")
+    assert signal_drift(no_cooldown, {"psi": 0.31}) is None  # no rows since the last snapshot
+    _store_events(env, 1, start=300)
+    drift = signal_drift(no_cooldown, {"psi": 0.31})
+    assert drift.reason == "drift" and drift.evidence["drift"] == {"psi": 0.31} and drift.watermark == 19
+
     on_topic = _requests_on_topic(env)
-    assert [r.reason for r in on_topic] == ["threshold", "manual", "threshold"]
+    assert [r.reason for r in on_topic] == ["threshold", "manual", "threshold", "drift"]
     assert on_topic[1].overrides == {"train": {"lr": 1e-4}} and on_topic[1].requested_by == "tester"
     assert on_topic[1].evidence["text"] == "new cardiology guideline"
-    assert [r.watermark for r in on_topic] == [6, 12, 18]
+    assert [r.watermark for r in on_topic] == [6, 12, 18, 19]
 
 
 def _cli(env, *args: str):

@@ -13,7 +13,7 @@ from services.ingest import SourceRecord, event_row
 from schemas.settings import with_overrides
 from services.snapshot import SnapshotWriteError, in_eval_slice, snapshot_id_for
 from services.store import RetrainRequestRow, SnapshotRow, insert_events
-from services.trigger import check_threshold, emit_manual
+from services.trigger import check_threshold, emit_manual, signal_drift
 
 
 def _store(engine, n):
@@ -40,6 +40,13 @@ def test_in_flight_retrain_coalesces_the_threshold(sqlite_settings, sqlite_engin
     _request_row(sqlite_engine, "rr-running", "started", age_s=10_000)
     decision = check_threshold(sqlite_settings, sqlite_engine)
     assert decision.action == "coalesced" and "rr-running" in decision.detail and decision.request is None
+
+
+def test_drift_signal_needs_new_rows_and_coalesces_while_one_runs(sqlite_settings, sqlite_engine):
+    assert signal_drift(sqlite_settings, {"psi": 0.4}, engine=sqlite_engine) is None
+    _store(sqlite_engine, 1)
+    _request_row(sqlite_engine, "rr-running", "requested", age_s=10_000)
+    assert signal_drift(sqlite_settings, {"psi": 0.4}, engine=sqlite_engine) is None
 
 
 def test_cooldown_holds_automatic_requests(sqlite_settings, sqlite_engine):
