@@ -64,8 +64,18 @@ class GateRules(BaseModel):
         return rules
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def load_rules(path: Path) -> GateRules:
-    """Read and validate the rules file; every problem is reported in one error."""
+    """Read and validate the rules file; every problem is reported in one error.
+
+    A relative path is read from the working directory, else from the repository root, so the
+    default ``evaluator/gate_rules.json`` works wherever ``medretrain`` is started.
+    """
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
     try:
         return GateRules.model_validate(json.loads(Path(path).read_text()))
     except FileNotFoundError as e:

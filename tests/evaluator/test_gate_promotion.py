@@ -196,6 +196,11 @@ def test_failing_candidate_leaves_the_champion_and_needs_force_with_reason(make_
     assert (mv.tags["gate"], mv.tags["gate.failed_rules"]) == ("failed", "impossible_loss")
     assert actions(settings, version) == ["registered"]
 
+    no_challenger = cli(settings, "registry", "review")
+    assert no_challenger.exit_code == 1 and "no challenger" in no_challenger.output
+    unknown = cli(settings, "evaluate", "--run", "0123456789abcdef0123456789abcdef")
+    assert unknown.exit_code == 1 and "no MLflow run" in unknown.output
+
     with pytest.raises(promotion.RegistryError, match="did not pass the gate"):
         promotion.promote(settings, version, actor="bob")
     refused = cli(settings, "registry", "promote", version, "--force")

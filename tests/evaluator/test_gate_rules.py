@@ -14,7 +14,8 @@ def _rule(**kw) -> GateRule:
     return GateRule(**{"name": "r", "metric": "production.loss", "kind": "delta", "op": "<=", "threshold": -0.01, **kw})
 
 
-def test_shipped_rules_load():
+def test_shipped_rules_load_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     rules = load_rules("evaluator/gate_rules.json")
     metrics = {r.metric for r in rules.rules}
     assert {"production.loss", "medquad.perplexity", "medquad.degenerate_rate"} <= metrics
