@@ -101,6 +101,7 @@ def _measure_resolved(resolved, sets: Sequence[EvalSet], settings: Settings, lab
     from trainer.registry import load_resolved
 
     model, tokenizer = load_resolved(resolved, torch.float32)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # after training on a GPU node, score there too
     return measure(model, tokenizer, sets, settings, label)  # the model is freed on return: one in memory at a time
 
 

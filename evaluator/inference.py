@@ -45,7 +45,7 @@ def answer_loss(
     total, count = 0.0, 0
     batches = list(_batches(examples, batch_size))
     for chunk in track(batches, description=f"loss {label}", console=_progress_console, transient=True):
-        batch = collate(chunk, pad_id=_pad_id(tokenizer))
+        batch = {k: v.to(model.device) for k, v in collate(chunk, pad_id=_pad_id(tokenizer)).items()}
         batch_sum, batch_count = chunked_answer_loss(decoder_hidden(model, batch), head, batch["labels"], 4096)
         total, count = total + float(batch_sum), count + int(batch_count)
     loss = total / max(count, 1)
@@ -69,7 +69,7 @@ def generate_answers(
         batches = list(_batches(list(questions), batch_size))
         for chunk in track(batches, description=f"generate {label}", console=_progress_console, transient=True):
             prompts = [prompt_text(tokenizer, q) for q in chunk]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

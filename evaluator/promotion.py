@@ -27,6 +27,7 @@ HISTORY_TAG = "medretrain.champion_history"
 HISTORY_KEEP = 200
 """Champion history entries kept (a registered-model tag value holds about 5,000 characters)."""
 ACTION_TAG = "medretrain.action."
+REASON_MAX_CHARS = 2000
 RUN_VERSION_TAG = "medretrain.model_version"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -61,6 +62,8 @@ def record_action(client, name: str, action: RegistryAction) -> None:
     """Store the action as the next numbered ``medretrain.action.NNNN`` tag of its version."""
     tags = _version(client, name, action.version).tags
     number = sum(key.startswith(ACTION_TAG) for key in tags)
+    if len(action.reason) > REASON_MAX_CHARS:  # a tag value holds about 5,000 characters
+        action = action.model_copy(update={"reason": action.reason[: REASON_MAX_CHARS - 1] + "…"})
     client.set_model_version_tag(name, action.version, f"{ACTION_TAG}{number:04d}", action.model_dump_json())
     log.info("%s version %s: %s by %s %s", name, action.version, action.action, action.actor, action.reason)
 
@@ -153,7 +156,7 @@ def apply_verdict(settings: Settings, verdict: Verdict, actor: str = "evaluator"
     client.set_tag(verdict.candidate_run_id, RUN_VERSION_TAG, version)
     failed = "; ".join(f"{r.name}: {r.detail}" for r in verdict.rules if not r.passed)
     reason = "gate passed" if verdict.passed else f"gate failed: {failed}"
-    record_action(client, name, RegistryAction(action="registered", version=version, actor=actor, reason=reason[:2000]))
+    record_action(client, name, RegistryAction(action="registered", version=version, actor=actor, reason=reason))
     if not verdict.passed:
         log.warning("%s version %s failed the gate; the champion stays: %s", name, version, failed)
         return version
