@@ -55,7 +55,7 @@ class Clock(L.Callback):
             self.tokens += int(batch["num_tokens"])
 
     def on_train_end(self, trainer, module):
-        tokens = float(trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum"))
+        tokens = float(trainer.strategy.reduce(torch.tensor(float(self.tokens), device=module.device), reduce_op="sum"))
         self.summary = {
             "world_size": trainer.world_size, "steps": trainer.global_step, "timed_steps": trainer.global_step - self.warmup,
             "tokens_per_s": tokens / self.seconds if self.seconds else None,

@@ -160,7 +160,8 @@ class StepMetrics(L.Callback):
         self.tokens += int(batch["num_tokens"])  # real tokens, padded or packed
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum")
+        # Collectives run on the module's device: NCCL has no CPU tensors.
+        tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens), device=pl_module.device), reduce_op="sum")
         now, self.tokens = time.perf_counter(), 0
         elapsed, self.last = now - self.last, now
         metrics = {
@@ -203,9 +204,9 @@ class RowsSeen(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.rows:  # every rank agrees: a finished run resumed with nothing left to read
             return
-        mine = torch.cat(self.rows)
+        mine = torch.cat(self.rows).to(pl_module.device)
         # all_gather needs equal shapes; packed batches hold different numbers of rows per rank.
-        longest = int(trainer.strategy.reduce(torch.tensor(float(mine.numel())), reduce_op="max"))
+        longest = int(trainer.strategy.reduce(torch.tensor(float(mine.numel()), device=mine.device), reduce_op="max"))
         padded = torch.cat([mine, mine.new_full((longest - mine.numel(),), -1)])
         gathered = trainer.strategy.all_gather(padded)
         if not (self.run_id and trainer.is_global_zero):
