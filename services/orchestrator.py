@@ -97,6 +97,8 @@ class Orchestrator:
         from deploy.ray_env import runtime_env
 
         job_id = submission_id(row.request_id, attempt)
+        if attempt == 1:  # the trigger may have stored the row before this consumer saw the message
+            self.publish(row.request_id, "requested", detail=row.reason)
         # Write-ahead: the id is durable before Ray hears of it, so a crash cannot lose track of a job.
         set_state(self.engine, row.request_id, state="started", ray_job_id=job_id, attempts=attempt,
                   detail=f"attempt {attempt} submitted")
@@ -170,9 +172,7 @@ class Orchestrator:
                 except ValidationError as e:
                     log.error("skipping an invalid retrain request at %s:%d: %s", record.partition, record.offset, e)
                     continue
-                if record_request(self.engine, request):
-                    new += 1
-                    self.publish(request.request_id, "requested", detail=request.reason)
+                new += record_request(self.engine, request)
         consumer.commit()  # after the database commit: a crash re-reads, and record_request dedupes
         return new
 

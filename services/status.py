@@ -70,7 +70,8 @@ def _lag_part(settings: Settings, status: SystemStatus) -> None:
 
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=5000)
     try:
-        committed = admin.list_consumer_group_offsets(settings.kafka.accumulator_group)
+        group = settings.kafka.accumulator_group
+        committed = admin.list_group_offsets(group).get(group, {})
     finally:
         admin.close()
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=5000)
