@@ -26,7 +26,7 @@ DEMO_OVERRIDES = {
     "trigger": {"threshold": 300, "cooldown_s": 0},
     # Sized for 2 CPU cores: ~5 s per step with 2 Ray workers on SmolLM2-135M.
     "train": {"max_steps": 24, "micro_batch_size": 2, "max_length": 160, "warmup_steps": 3, "checkpoint_every_steps": 8},
-    "evaluate": {"promotion": "auto", "sample_size": 12, "max_new_tokens": 40, "loss_rows": 48},
+    "evaluate": {"promotion": "auto", "sample_size": 12, "max_new_tokens": 40, "loss_rows": 32},
 }
 SERVICES = ("accumulator", "orchestrator")
 FINAL_PHASES = ("promoted", "rejected", "failed")
