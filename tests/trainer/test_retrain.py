@@ -4,11 +4,13 @@ Slow (a Ray run takes about a minute here): run with ``pytest tests/trainer/test
 """
 
 import json
+import shlex
+import time
 import uuid
 
 import pytest
 from mlflow import MlflowClient
-from test_snapshots import EVAL, TRAIN, upload_snapshot, _jsonl
+from test_snapshots import EVAL, TRAIN, upload_snapshot, jsonl
 
 from deploy.clients import boto3_s3
 from schemas.events import RetrainRequest
@@ -42,6 +44,22 @@ def _request(**overrides) -> RetrainRequest:
 
 def _steps_logged(settings, run_id: str) -> list[int]:
     return sorted(int(m.value) for m in MlflowClient(settings.mlflow.tracking_uri).get_metric_history(run_id, "step"))
+
+
+def _submit_job(settings, request: RetrainRequest) -> tuple[str, str]:
+    """Run ``python -m trainer.retrain --request <json>`` through the Ray Jobs API; (final status, log tail)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from deploy.ray_env import runtime_env
+
+    client = JobSubmissionClient(settings.ray.address)
+    entrypoint = f"python -m trainer.retrain --request {shlex.quote(request.model_dump_json())}"
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(settings))
+    deadline = time.monotonic() + 600
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job_id} still {status}"
+        time.sleep(2)
+    return str(status.value), client.get_job_logs(job_id)[-5000:]
 
 
 def _checkpoint_keys(settings, request_id: str) -> list[str]:
@@ -78,7 +96,7 @@ def test_bad_request_json_is_refused(bad):
 
 @ray_test
 def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
-    snapshot_id = upload_snapshot(settings, {"train.jsonl": _jsonl(TRAIN), "eval.jsonl": _jsonl(EVAL)})
+    snapshot_id = upload_snapshot(settings, {"train.jsonl": jsonl(TRAIN), "eval.jsonl": jsonl(EVAL)})
     request = _request(train={"keep_checkpoints": 1}).model_copy(update={"snapshot_id": snapshot_id})
     adapter = run(settings, request)
 
@@ -119,10 +137,30 @@ def test_resubmitting_an_interrupted_or_finished_request_resumes(settings):
     run_id = tracking.find_run(settings, tracking.REQUEST_TAG, request.request_id, kind="retrain")
     assert MlflowClient(settings.mlflow.tracking_uri).get_run(run_id).info.status == "FAILED"
 
-    resumed = run(settings, request)
-    assert resumed.run_id == run_id and resumed.steps == 4
+    # Resubmitted the way the orchestrator does it: a Ray job running `python -m trainer.retrain`.
+    status, logs = _submit_job(settings, request)
+    assert status == "SUCCEEDED", logs
+    assert MlflowClient(settings.mlflow.tracking_uri).get_run(run_id).info.status == "FINISHED"
     assert _steps_logged(settings, run_id) == [1, 2, 3, 3, 4]
 
     again = run(settings, request)
     assert again.run_id == run_id and again.steps == 4
     assert _steps_logged(settings, run_id) == [1, 2, 3, 3, 4]
+
+
+@ray_test
+def test_retrain_continues_the_champion_adapter(settings):
+    """Last in this module: it makes an adapter version the champion of the module's registered model."""
+    first = run(settings, _request())
+    client, name = MlflowClient(settings.mlflow.tracking_uri), settings.mlflow.registered_model
+    tags = {"kind": "adapter", "base_version": "1", "parent_version": "1"}
+    version = client.create_model_version(name, f"runs:/{first.run_id}/adapter", first.run_id, tags=tags).version
+    client.set_registered_model_alias(name, "champion", version)
+
+    with pytest.raises(ValueError, match="champion's adapter"):
+        run(settings, _request(train={"lora": {"r": 8}}))
+    second = run(settings, _request(train={"lora": {"dropout": 0.1}}))
+    params = client.get_run(second.run_id).data.params
+    assert second.lineage.parent_version == str(version)
+    assert params["adapter_init"] == f"continued v{version}" and params["lora_r"] == "4"
+    assert client.get_run(second.run_id).data.tags[tracking.BASE_VERSION_TAG] == "1"
