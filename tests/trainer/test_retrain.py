@@ -4,6 +4,7 @@ Slow (a Ray run takes about a minute here): run with ``pytest tests/trainer/test
 """
 
 import json
+import re
 import shlex
 import time
 import uuid
@@ -164,3 +165,16 @@ def test_retrain_continues_the_champion_adapter(settings):
     assert second.lineage.parent_version == str(version)
     assert params["adapter_init"] == f"continued v{version}" and params["lora_r"] == "4"
     assert client.get_run(second.run_id).data.tags[tracking.BASE_VERSION_TAG] == "1"
+
+
+@ray_test
+def test_cli_train_runs_an_ad_hoc_manual_request(settings):
+    from typer.testing import CliRunner
+
+    from deploy.ray_env import settings_env
+    from services.cli import build_app
+
+    result = CliRunner().invoke(build_app(), ["train", "--reason", "manual"], env=settings_env(settings))
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r'"run_id": "(\w+)"', result.output).group(1)  # Ray's own log lines surround the JSON
+    assert MlflowClient(settings.mlflow.tracking_uri).get_run(run_id).data.tags[tracking.REQUEST_TAG].startswith("rr-manual-0-")
