@@ -211,6 +211,28 @@ class EvalSettings(_Section):
     promotion: Literal["auto", "review"] = "review"
 
 
+class DriftSettings(_Section):
+    window_size: int = Field(200, ge=20)
+    """Latest production questions compared with the champion's reference."""
+    stride: int = Field(100, ge=1)
+    """New store rows between two checks of ``medretrain serve drift``."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """Family-wise false-alarm rate of one check (Holm over the embedding, source, qtype and length tests)."""
+    permutations: int = Field(500, ge=19)
+    """Permutations of the MMD test; its smallest p-value is 1/(permutations+1)."""
+    reference_size: int = Field(2000, ge=50)
+    """Questions the champion trained on that make up its embedded reference sample."""
+    min_expected: float = Field(5.0, gt=0)
+    """Categories expected fewer times than this in a window are pooled into one, so chi-squared stays valid."""
+    poll_interval_s: float = Field(5.0, gt=0)
+    """Pause between two looks at the store."""
+    min_interval_s: float = Field(60.0, ge=0)
+    """Minimum seconds between two checks, however fast rows arrive."""
+    embed_batch_size: int = Field(64, ge=1)
+    seed: int = 11
+    """Seeds the reference sample and the permutations, so a check is reproducible."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEDRETRAIN_",
@@ -233,6 +255,7 @@ class Settings(BaseSettings):
     tune: TuneSettings = TuneSettings()
     evaluate: EvalSettings = EvalSettings()
     orchestrator: OrchestratorSettings = OrchestratorSettings()
+    drift: DriftSettings = DriftSettings()
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:

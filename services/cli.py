@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "evaluator.cli",
     "services.stream_cli",
     "services.loop_cli",
+    "services.drift_cli",
 )
 
 
