@@ -253,8 +253,6 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
     """Train one request to completion (or resume it) and return the finished MLflow run's adapter."""
     started = time.monotonic()
     settings = effective_settings(settings, request)
-    if settings.train.packing:
-        raise ValueError("train.packing (the GPU fast path) is not wired into the Ray retrain path yet; set it false")
     run_id = tracking.find_run(settings, tracking.REQUEST_TAG, request.request_id, kind="retrain")
     settings, parent = start_model(settings, request, run_id)
     manifest, train_rows, val_rows = training_rows(settings, request)
