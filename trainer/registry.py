@@ -221,6 +221,9 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype = torch.float32, t
     model, tokenizer = load_base(resolved.base_dir, dtype)
     if resolved.adapter_dir is not None:
         model = load_adapter(model, resolved.adapter_dir, trainable)
+        if not trainable:
+            # Folded into the base weights: inference then costs what the base costs (no extra LoRA matmuls).
+            model = model.merge_and_unload()
     if not trainable:
         model.eval()
     return model, tokenizer
