@@ -60,6 +60,12 @@ def cached_sample(rows: list[Row], cache: Path, batch_size: int) -> QuestionSamp
                           [row[3] for row in rows])
 
 
+def subset(sample: QuestionSample, index: np.ndarray) -> QuestionSample:
+    return QuestionSample([sample.questions[i] for i in index], sample.embeddings[index],
+                          [sample.sources[i] for i in index], [sample.qtypes[i] for i in index],
+                          [sample.topics[i] for i in index])
+
+
 def concat(a: QuestionSample, b: QuestionSample) -> QuestionSample:
     return QuestionSample(a.questions + b.questions, np.concatenate([a.embeddings, b.embeddings]),
                           a.sources + b.sources, a.qtypes + b.qtypes, a.topics + b.topics)
@@ -114,7 +120,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     m = drift.window_size
 
     def window_of(pool: QuestionSample, size: int = m) -> QuestionSample:
-        return pool.take(rng.choice(len(pool), size=size, replace=False))
+        return subset(pool, rng.choice(len(pool), size=size, replace=False))
 
     quarter = m // 4
     draws = {

@@ -4,17 +4,20 @@
     if result.drift:
         signal_drift(settings, result.evidence())
 
-Four tests, one decision, all on one question per topic (``focus``) of each side. Questions
-about one topic come in bunches (a MedQuAD document asks 5-20 of them, all from one source, their
-lengths tied to the topic's name), so pairs are not independent draws: tests that assume they
-are fired on 7% of in-distribution windows at alpha 0.05 (bench/drift_calibration.py). Topics
-are the independent units; questions without a topic each count as their own.
+Four tests, one decision:
 
-- ``embedding``: MMD² (unbiased, RBF kernel, median-heuristic bandwidth) between sentence
-  embeddings, p-value from label permutations;
-- ``source`` and ``qtype``: chi-squared on the reference-vs-window contingency table
-  (categories rare in both pooled, so the approximation holds);
-- ``length``: two-sample Kolmogorov-Smirnov on question length in characters.
+- ``embedding``: MMD² (unbiased, RBF kernel, median-heuristic bandwidth) between sentence embeddings;
+- ``source`` and ``qtype``: chi-squared statistic of the reference-vs-window table (categories
+  rare in both pooled into one);
+- ``length``: Kolmogorov-Smirnov statistic of question lengths in characters.
+
+Every p-value comes from one set of permutations of *topics* (the events' ``focus``), not of
+questions. Questions about one topic come in bunches (a MedQuAD document asks 5-20, all from one
+source, their lengths tied to the topic's name), so questions are not independent draws: tests
+that assume they are (chi-squared and KS tables, a question-level permutation) fired on 7% of
+in-distribution windows at alpha 0.05 (bench/drift_calibration.py). Moving whole topics between
+the two sides keeps that dependence in the null distribution. Questions without a topic are
+their own topic, which is the plain permutation test.
 
 Drift is declared when Holm's step-down procedure rejects any test at ``alpha``, which keeps
 the family-wise false-alarm rate of one check at ``alpha`` whatever the tests' dependence.
@@ -29,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from schemas.settings import DriftSettings
 
@@ -64,15 +66,6 @@ class QuestionSample:
     def __len__(self) -> int:
         return len(self.questions)
 
-    def take(self, index: Sequence[int] | np.ndarray) -> QuestionSample:
-        """The rows at ``index``, in that order."""
-        def pick(values: list) -> list:
-            return [values[i] for i in index]
-
-        return QuestionSample(pick(self.questions), self.embeddings[np.asarray(index, dtype=np.int64)],
-                              pick(self.sources), pick(self.qtypes),
-                              None if self.topics is None else pick(self.topics))
-
 
 @dataclass(frozen=True)
 class TestResult:
@@ -92,7 +85,7 @@ class DriftResult:
     reference_size: int
     window_size: int
     reference_topics: int
-    """Questions left after one per topic: the units the tests count."""
+    """Topics of each side: the units the permutations move."""
     window_topics: int
 
     def evidence(self) -> dict[str, Any]:
@@ -111,13 +104,37 @@ class DriftResult:
         }
 
 
-def rbf_kernel(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, median_rows: int = 1000) -> tuple[np.ndarray, float]:
-    """Float32 RBF kernel over the pooled rows of x and y; bandwidth = median pairwise distance; (K, sigma).
+def topic_groups(reference: QuestionSample, window: QuestionSample) -> np.ndarray:
+    """A group id per pooled row (reference rows first): one group per topic and side, untopical rows alone."""
+    ids: dict[tuple[int, str], int] = {}
+    groups = []
+    for side, sample in ((0, reference), (1, window)):
+        for i, topic in enumerate(sample.topics or [None] * len(sample)):
+            key = (side, (topic or "").strip().lower() or f"#{side}:{i}")
+            groups.append(ids.setdefault(key, len(ids)))
+    return np.array(groups, dtype=np.int64)
 
-    The median is taken over the pairs of at most ``median_rows`` random pooled rows: the same
-    bandwidth within noise, a hundredth of the sorting.
-    """
-    pooled = np.concatenate([x, y]).astype(np.float32)
+
+def permutation_labels(groups: np.ndarray, window_rows: int, permutations: int, rng: np.random.Generator) -> np.ndarray:
+    """0/1 matrix (rows, permutations + 1): column 0 marks the observed window (the last ``window_rows`` rows),
+    each other column as many whole groups as the window has, drawn at random."""
+    n_groups = int(groups.max()) + 1
+    window_groups = len(np.unique(groups[len(groups) - window_rows:]))
+    chosen = np.zeros((n_groups, permutations + 1), dtype=np.float32)
+    chosen[np.unique(groups[len(groups) - window_rows:]), 0] = 1.0
+    for b in range(1, permutations + 1):
+        chosen[rng.choice(n_groups, size=window_groups, replace=False), b] = 1.0
+    return chosen[groups]
+
+
+def _p_value(statistics: np.ndarray) -> float:
+    """Share of labellings (the observed one included) whose statistic reaches the observed one."""
+    return float(np.sum(statistics >= statistics[0] - 1e-12)) / len(statistics)
+
+
+def rbf_kernel(pooled: np.ndarray, rng: np.random.Generator, median_rows: int = 1000) -> tuple[np.ndarray, float]:
+    """Float32 RBF kernel over the rows; bandwidth = median pairwise distance of at most ``median_rows`` rows."""
+    pooled = pooled.astype(np.float32)
     sq = np.einsum("ij,ij->i", pooled, pooled)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (pooled @ pooled.T), 0.0)
     rows = rng.choice(len(pooled), size=min(median_rows, len(pooled)), replace=False)
@@ -126,93 +143,88 @@ def rbf_kernel(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, median_ro
     return np.exp(-d2 / np.float32(2.0 * sigma2)), float(np.sqrt(sigma2))
 
 
-def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.random.Generator) -> tuple[TestResult, np.ndarray]:
-    """Unbiased MMD² of x (reference) vs y (window), permutation p-value; also each y row's witness value.
+def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[TestResult, np.ndarray]:
+    """Unbiased MMD² for every labelling (rows of ``pooled``: reference then window); also the window's witness.
 
-    Column b of the 0/1 matrix W marks the window rows of labelling b (column 0: the observed
-    one). Every MMD² term is a sum over K[w, w] or over the row sums of w, so one matrix product
-    K @ W scores all permutations at once.
+    Every MMD² term is a sum over K[w, w] or over the row sums of w, so one matrix product
+    K @ labels scores all permutations at once.
     """
-    n, m = len(x), len(y)
-    if n < 2 or m < 2:
-        raise ValueError(f"MMD needs at least 2 reference and 2 window rows, got {n} and {m}")
-    kernel, sigma = rbf_kernel(x, y, rng)
-    labels = np.zeros((n + m, permutations + 1), dtype=np.float32)
-    labels[n:, 0] = 1.0
-    for b in range(1, permutations + 1):
-        labels[rng.choice(n + m, size=m, replace=False), b] = 1.0
+    kernel, sigma = rbf_kernel(pooled, rng)
+    w = labels.astype(np.float64)
+    m = w.sum(axis=0)
+    n = len(pooled) - m
+    if m.min() < 2 or n.min() < 2:
+        raise ValueError("MMD needs at least 2 reference and 2 window rows in every labelling")
     row_sums = kernel.sum(axis=1, dtype=np.float64)
-    total, trace = float(row_sums.sum()), float(np.trace(kernel))
-    cross = np.einsum("ib,ib->b", labels.astype(np.float64), (kernel @ labels).astype(np.float64))
-    window_rows = row_sums @ labels.astype(np.float64)
+    total = float(row_sums.sum())
+    cross = np.einsum("ib,ib->b", w, (kernel @ labels).astype(np.float64))
+    window_rows = row_sums @ w
     yy = cross - m  # an RBF kernel is 1 on the diagonal
     xy = window_rows - cross
-    xx = total - 2.0 * window_rows + cross - (trace - m)
+    xx = total - 2.0 * window_rows + cross - n
     mmd2 = xx / (n * (n - 1)) + yy / (m * (m - 1)) - 2.0 * xy / (n * m)
-    observed, null = float(mmd2[0]), mmd2[1:]
-    p_value = (1.0 + float(np.sum(null >= observed))) / (permutations + 1.0)
-    witness = kernel[n:, n:].mean(axis=1) - kernel[n:, :n].mean(axis=1)
-    detail = {"bandwidth": sigma, "permutations": permutations, "null_mean": float(null.mean())}
-    return TestResult(statistic=observed, p_value=p_value, detail=detail), witness
+    observed = labels[:, 0] > 0
+    witness = kernel[np.ix_(observed, observed)].mean(axis=1) - kernel[np.ix_(observed, ~observed)].mean(axis=1)
+    detail = {"bandwidth": sigma, "null_mean": float(mmd2[1:].mean())}
+    return TestResult(statistic=float(mmd2[0]), p_value=_p_value(mmd2), detail=detail), witness
 
 
-def _pooled(reference: Counter, window: Counter, window_size: int, min_expected: float) -> list[str]:
+def _kept_categories(reference: Counter, window: Counter, window_size: int, min_expected: float) -> list[str]:
     """Categories kept apart; the rest go to :data:`OTHER`."""
     ref_total = sum(reference.values())
-    kept = []
-    for category in sorted(set(reference) | set(window)):
-        expected = window_size * reference[category] / ref_total if ref_total else 0.0
-        if expected >= min_expected or window[category] >= min_expected:
-            kept.append(category)
-    return kept
+    return [c for c in sorted(set(reference) | set(window))
+            if (ref_total and window_size * reference[c] / ref_total >= min_expected) or window[c] >= min_expected]
 
 
-def categorical_test(reference: Sequence[str], window: Sequence[str], min_expected: float, top: int = 3) -> TestResult:
-    """Chi-squared on the 2 x k table reference vs window; the ``top`` categories that shifted most."""
-    ref_counts, win_counts = Counter(reference), Counter(window)
-    kept = _pooled(ref_counts, win_counts, len(window), min_expected)
-    rows = [[ref_counts[c] for c in kept], [win_counts[c] for c in kept]]
-    pooled_ref = len(reference) - sum(rows[0])
-    pooled_win = len(window) - sum(rows[1])
-    if pooled_ref or pooled_win:
-        rows[0].append(pooled_ref)
-        rows[1].append(pooled_win)
-        kept = [*kept, OTHER]
-    table = np.array(rows, dtype=np.float64)
-    if table.shape[1] < 2:
-        return TestResult(statistic=0.0, p_value=1.0, detail={"dof": 0, "top_shifted": []})
-    chi2, p_value, dof, expected = stats.chi2_contingency(table, correction=False)
-    contributions = ((table[1] - expected[1]) ** 2 / expected[1]).tolist()
-    shifted = sorted(zip(kept, contributions, strict=True), key=lambda kc: -kc[1])[:top]
-    top_shifted = [
-        {"category": c, "reference_share": round(float(table[0, kept.index(c)] / table[0].sum()), 4),
-         "window_share": round(float(table[1, kept.index(c)] / table[1].sum()), 4)}
-        for c, _ in shifted
-    ]
-    return TestResult(statistic=float(chi2), p_value=float(p_value), detail={"dof": int(dof), "top_shifted": top_shifted})
+def _chi2(window_counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Chi-squared of the 2 x k tables [totals - window_counts; window_counts], one per row of window_counts."""
+    m = window_counts.sum(axis=1, keepdims=True)
+    n = totals.sum() - m
+    share = totals / totals.sum()
+    ref_counts = totals - window_counts
+    return (((window_counts - m * share) ** 2 / (m * share)).sum(axis=1)
+            + ((ref_counts - n * share) ** 2 / (n * share)).sum(axis=1))
 
 
-def length_test(reference: np.ndarray, window: np.ndarray) -> TestResult:
-    """Kolmogorov-Smirnov on question lengths (ties make it conservative, never anti-conservative)."""
-    ks = stats.ks_2samp(reference, window)
-    detail = {"reference_median": float(np.median(reference)), "window_median": float(np.median(window))}
-    return TestResult(statistic=float(ks.statistic), p_value=float(ks.pvalue), detail=detail)
+def categorical_test(labels_of_rows: Sequence[str], labels: np.ndarray, min_expected: float, top: int = 3) -> TestResult:
+    """Chi-squared statistic of reference vs window categories; the ``top`` categories that shifted most."""
+    observed = labels[:, 0] > 0
+    values = np.array(labels_of_rows, dtype=object)
+    ref_counts, win_counts = Counter(values[~observed]), Counter(values[observed])
+    kept = _kept_categories(ref_counts, win_counts, int(observed.sum()), min_expected)
+    column = {c: i for i, c in enumerate(kept)}
+    codes = np.array([column.get(v, len(kept)) for v in values])
+    names = [*kept, OTHER]
+    one_hot = np.zeros((len(values), len(names)), dtype=np.float32)
+    one_hot[np.arange(len(values)), codes] = 1.0
+    totals = one_hot.sum(axis=0).astype(np.float64)
+    present = totals > 0
+    if present.sum() < 2:
+        return TestResult(statistic=0.0, p_value=1.0, detail={"top_shifted": []})
+    window_counts = (labels.T @ one_hot).astype(np.float64)[:, present]
+    names, totals = [c for c, keep in zip(names, present, strict=True) if keep], totals[present]
+    chi2 = _chi2(window_counts, totals)
+    win, ref = window_counts[0], totals - window_counts[0]
+    expected = win.sum() * totals / totals.sum()
+    order = np.argsort(-((win - expected) ** 2 / expected))[:top]
+    top_shifted = [{"category": str(names[i]), "reference_share": round(float(ref[i] / ref.sum()), 4),
+                    "window_share": round(float(win[i] / win.sum()), 4)} for i in order]
+    return TestResult(statistic=float(chi2[0]), p_value=_p_value(chi2), detail={"top_shifted": top_shifted})
 
 
-def one_per_topic(sample: QuestionSample, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices keeping one random question per topic; questions without a topic are all kept."""
-    if sample.topics is None:
-        return np.arange(len(sample))
-    seen: set[str] = set()
-    keep = []
-    for i in rng.permutation(len(sample)):
-        topic = (sample.topics[i] or "").strip().lower()
-        if not topic:
-            keep.append(i)
-        elif topic not in seen:
-            keep.append(i)
-            seen.add(topic)
-    return np.sort(np.array(keep, dtype=np.int64))
+def length_test(lengths: np.ndarray, labels: np.ndarray) -> TestResult:
+    """Kolmogorov-Smirnov statistic of reference vs window question lengths, for every labelling."""
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    # The empirical CDFs may only be compared after the last of equal lengths.
+    block_ends = np.flatnonzero(np.append(sorted_lengths[1:] != sorted_lengths[:-1], True))
+    w = labels[order].astype(np.float64)
+    window_cdf = np.cumsum(w, axis=0)[block_ends] / w.sum(axis=0)
+    reference_cdf = np.cumsum(1.0 - w, axis=0)[block_ends] / (1.0 - w).sum(axis=0)
+    ks = np.abs(window_cdf - reference_cdf).max(axis=0)
+    observed = labels[:, 0] > 0
+    detail = {"reference_median": float(np.median(lengths[~observed])), "window_median": float(np.median(lengths[observed]))}
+    return TestResult(statistic=float(ks[0]), p_value=_p_value(ks), detail=detail)
 
 
 def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
@@ -226,22 +238,27 @@ def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
 
 
 def detect(reference: QuestionSample, window: QuestionSample, settings: DriftSettings, examples: int = 5) -> DriftResult:
-    """Run the four tests and Holm's correction; seeded by ``settings.seed`` so a check is reproducible."""
+    """Run the four tests on shared topic permutations and Holm's correction; seeded by ``settings.seed``."""
+    if len(reference) < 2 or len(window) < 2:
+        raise ValueError(f"drift needs at least 2 reference and 2 window questions, got {len(reference)} and {len(window)}")
     rng = np.random.default_rng(settings.seed)
-    ref, win = reference.take(one_per_topic(reference, rng)), window.take(one_per_topic(window, rng))
-    embedding, witness = mmd_test(ref.embeddings, win.embeddings, settings.permutations, rng)
+    groups = topic_groups(reference, window)
+    labels = permutation_labels(groups, len(window), settings.permutations, rng)
+    embedding, witness = mmd_test(np.concatenate([reference.embeddings, window.embeddings]), labels, rng)
     tests = {
         "embedding": embedding,
-        "source": categorical_test(ref.sources, win.sources, settings.min_expected),
-        "qtype": categorical_test(ref.qtypes, win.qtypes, settings.min_expected),
-        "length": length_test(ref.lengths, win.lengths),
+        "source": categorical_test(reference.sources + window.sources, labels, settings.min_expected),
+        "qtype": categorical_test(reference.qtypes + window.qtypes, labels, settings.min_expected),
+        "length": length_test(np.concatenate([reference.lengths, window.lengths]), labels),
     }
     rejected = holm({name: t.p_value for name, t in tests.items()}, settings.alpha)
-    tests = {name: TestResult(t.statistic, t.p_value, rejected[name], t.detail) for name, t in tests.items()}
+    tests = {name: TestResult(t.statistic, t.p_value, rejected[name], t.detail | {"permutations": settings.permutations})
+             for name, t in tests.items()}
+    n_ref_groups = len(np.unique(groups[:len(reference)]))
     return DriftResult(drift=any(rejected.values()), alpha=settings.alpha, tests=tests,
-                       examples=[win.questions[i] for i in np.argsort(-witness)[:examples]],
+                       examples=[window.questions[i] for i in np.argsort(-witness)[:examples]],
                        reference_size=len(reference), window_size=len(window),
-                       reference_topics=len(ref), window_topics=len(win))
+                       reference_topics=n_ref_groups, window_topics=int(groups.max()) + 1 - n_ref_groups)
 
 
 def qtype_label(qtype: str | None) -> str:

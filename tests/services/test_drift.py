@@ -11,7 +11,17 @@ import pytest
 from stream_events import build_event
 
 from schemas.settings import DriftSettings
-from services.drift import OTHER, QuestionSample, categorical_test, detect, holm, mmd_test, one_per_topic
+from services.drift import (
+    OTHER,
+    QuestionSample,
+    categorical_test,
+    detect,
+    holm,
+    length_test,
+    mmd_test,
+    permutation_labels,
+    topic_groups,
+)
 from services.drift_reference import Row, medquad_rows, sample_reference
 from services.drift_shifts import consumer_questions
 
@@ -29,12 +39,18 @@ def test_holm_steps_down_and_stops_at_the_first_keep():
     assert holm({"a": 0.013, "b": 0.014, "c": 0.9, "d": 0.9}, 0.05) == dict.fromkeys("abcd", False)
 
 
+def _labels(n: int, m: int, permutations: int = 200, seed: int = 0) -> np.ndarray:
+    """Question-level permutations of n reference rows followed by m window rows."""
+    return permutation_labels(np.arange(n + m), m, permutations, np.random.default_rng(seed))
+
+
 def test_categorical_test_pools_rare_categories_and_names_the_new_one():
     reference = ["GHR"] * 500 + ["GARD"] * 500 + ["CDC"] * 3
-    result = categorical_test(reference, ["GHR"] * 100 + ["GARD"] * 90 + ["consumer"] * 10, min_expected=5)
-    assert result.p_value < 1e-6
-    assert result.detail["top_shifted"][0] == {"category": "consumer", "reference_share": 0.0, "window_share": 0.05}
-    same = categorical_test(reference, ["GHR"] * 50 + ["GARD"] * 50, min_expected=5)
+    shifted = categorical_test(reference + ["GHR"] * 100 + ["GARD"] * 90 + ["consumer"] * 10, _labels(1003, 200),
+                               min_expected=5)
+    assert shifted.p_value == pytest.approx(1 / 201)
+    assert shifted.detail["top_shifted"][0] == {"category": "consumer", "reference_share": 0.0, "window_share": 0.05}
+    same = categorical_test(reference + ["GHR"] * 50 + ["GARD"] * 50, _labels(1003, 100), min_expected=5)
     assert same.p_value > 0.5
     assert OTHER in {s["category"] for s in same.detail["top_shifted"]}  # CDC, expected 0.3 times, was pooled
 
@@ -42,20 +58,33 @@ def test_categorical_test_pools_rare_categories_and_names_the_new_one():
 def test_mmd_permutation_p_value_separates_null_from_a_shift():
     rng = np.random.default_rng(0)
     reference = _unit(rng.normal(size=(400, 16)))
-    same, _ = mmd_test(reference, _unit(rng.normal(size=(80, 16))), 200, rng)
-    shifted, witness = mmd_test(reference, _unit(rng.normal(size=(80, 16)) + 0.5), 200, rng)
+    same, _ = mmd_test(np.concatenate([reference, _unit(rng.normal(size=(80, 16)))]), _labels(400, 80), rng)
+    shifted, witness = mmd_test(np.concatenate([reference, _unit(rng.normal(size=(80, 16)) + 0.5)]), _labels(400, 80),
+                                rng)
     assert same.p_value > 0.05
     assert shifted.p_value == pytest.approx(1 / 201)
     assert shifted.statistic > 10 * abs(same.statistic)
     assert witness.shape == (80,)
 
 
-def test_one_per_topic_keeps_a_single_question_per_focus_and_every_untopical_one():
+def test_length_test_sees_longer_questions_and_not_equal_ones():
+    rng = np.random.default_rng(1)
+    reference = rng.integers(20, 80, size=300)
+    assert length_test(np.concatenate([reference, rng.integers(20, 80, size=100)]), _labels(300, 100)).p_value > 0.05
+    assert length_test(np.concatenate([reference, rng.integers(60, 140, size=100)]), _labels(300, 100)).p_value < 0.01
+
+
+def test_topic_permutations_move_whole_topics():
     sample = QuestionSample(list("abcdef"), np.zeros((6, 2), np.float32), ["s"] * 6, ["t"] * 6,
                             ["Glaucoma", "glaucoma ", None, "Asthma", None, "asthma"])
-    kept = one_per_topic(sample, np.random.default_rng(0))
-    topics = [(sample.topics[i] or "").strip().lower() for i in kept]
-    assert sorted(topics) == ["", "", "asthma", "glaucoma"]
+    groups = topic_groups(sample, sample)
+    assert groups.max() + 1 == 8  # per side: glaucoma, asthma and two untopical questions
+    labels = permutation_labels(groups, len(sample), 50, np.random.default_rng(0))
+    assert labels[:6, 0].sum() == 0 and labels[6:, 0].sum() == 6
+    for column in labels.T:
+        for group in np.unique(groups):
+            assert len(set(column[groups == group])) == 1  # a topic is never split between the sides
+        assert column[np.unique(groups, return_index=True)[1]].sum() == 4  # as many topics as the window has
 
 
 def test_a_sample_refuses_misaligned_columns():
