@@ -87,6 +87,9 @@ def launch(settings: Settings) -> Launch:
         f"-s3.config={workdir / 's3.json'}", f"-options={workdir / 'secret.options'}",
         "-webdav=false", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
         f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
+        # Every bucket is a collection that grows several volumes; the automatic cap (from free disk at start)
+        # ran out after a few dozen buckets. Volumes are sparse files, so a high cap costs little.
+        "-volume.max=2000", "-master.volumeSizeLimitMB=64",
     ]  # fmt: skip
     for component, port in ports.items():
         argv += [f"-{component}.port={port}", f"-{component}.port.grpc={port + stack.s3_grpc_offset}"]
