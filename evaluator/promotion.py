@@ -50,6 +50,8 @@ def _version(client, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # an outage is not a missing version: the caller may retry
         raise RegistryError(f"registered model {name!r} has no version {version!r}") from e
 
 

@@ -2,8 +2,8 @@
 
     .venv/bin/pytest tests/faults -q          # real services, about five minutes on 2 cores
 
-The stream helpers live with the stream tests (tests/services/stream_stack.py); this folder
-reuses them instead of keeping a copy.
+The stream and registry helpers live with their tests (tests/services/stream_stack.py,
+tests/evaluator/eval_fixtures.py); this folder reuses them instead of keeping copies.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
+for _helpers in ("services", "evaluator"):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / _helpers))
 
 from stream_stack import close_env, open_env  # noqa: E402
 
