@@ -90,6 +90,7 @@ def test_sigkill_of_a_ray_worker_resumes_from_the_last_checkpoint(stack, tmp_pat
 
     assert killer.error is None, repr(killer.error)
     assert killer.killed is not None and killer.replaced, "a worker was killed and its group restarted"
-    steps = sorted(int(m.value) for m in MlflowClient(settings.mlflow.tracking_uri).get_metric_history(adapter.run_id, "step"))
+    history = MlflowClient(settings.mlflow.tracking_uri).get_metric_history(adapter.run_id, "step")
+    steps = sorted(int(m.value) for m in history)
     assert adapter.steps == TINY_TRAIN["max_steps"] and set(steps) == set(range(1, TINY_TRAIN["max_steps"] + 1))
     assert steps.count(1) == steps.count(2) == 1, f"resumed from a checkpoint, not from step 0: {steps}"

@@ -37,7 +37,8 @@ def _recorded(env) -> tuple[int, int]:
     """(snapshot rows, retrain request rows) in the store."""
     engine = env.engine()
     with engine.connect() as conn:
-        counts = tuple(conn.execute(select(func.count()).select_from(t)).scalar_one() for t in (SnapshotRow, RetrainRequestRow))
+        counts = tuple(conn.execute(select(func.count()).select_from(table)).scalar_one()
+                       for table in (SnapshotRow, RetrainRequestRow))
     engine.dispose()
     return counts
 
