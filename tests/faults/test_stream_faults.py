@@ -67,7 +67,8 @@ def test_broker_restart_mid_stream_loses_nothing(stack, stream_env, tmp_path):
 
     env, log = stream_env(**{"stream.batch_size": 50, "trigger.threshold": 10**9}), tmp_path / "accumulator.log"
     accumulator = start_accumulator(env, log)
-    publisher = ChunkedPublisher(env, chunk=500, max_chunks=6, rate=250)
+    # One producer across the outage: it has to ride it out (a producer created while the broker is down cannot start).
+    publisher = ChunkedPublisher(env, chunk=3000, max_chunks=1, rate=250)
     engine = env.engine()
     try:
         publisher.start()
@@ -84,30 +85,40 @@ def test_broker_restart_mid_stream_loses_nothing(stack, stream_env, tmp_path):
         stop(accumulator)
 
 
-def _terminate_busy_backends(admin, database: str) -> int:
-    """pg_terminate_backend of the database's connections that are inside a statement or transaction."""
-    query = text("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                 "WHERE datname = :db AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')")
-    with admin.connect() as conn:
-        return conn.execute(query, {"db": database}).scalar_one()
+def _kill_a_blocked_insert(env, admin) -> int:
+    """Block the table, wait until an accumulator insert is stuck on the lock inside its batch transaction,
+    terminate that backend, release the table; returns how many backends were terminated.
+
+    The lock makes "mid-batch" certain: unblocked, a batch insert is over too quickly to be caught.
+    """
+    database = make_url(env.settings.database.url).database
+    blocked = text("SELECT pid FROM pg_stat_activity WHERE datname = :db AND wait_event_type = 'Lock' "
+                   "AND pid <> :holder AND query ILIKE '%%INSERT INTO qa_events%%'")
+    engine = env.engine()
+    try:
+        with engine.connect() as holder:
+            holder.execute(text("LOCK TABLE qa_events IN ACCESS EXCLUSIVE MODE"))
+            pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with admin.connect() as conn:
+                stuck = wait_for(lambda: conn.execute(blocked, {"db": database, "holder": pid}).scalars().all(), 120,
+                                 "an accumulator insert blocked mid-batch", every=0.1)
+                terminated = sum(conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": p}).scalar_one()
+                                 for p in stuck)
+            holder.rollback()
+    finally:
+        engine.dispose()
+    return terminated
 
 
 def test_postgres_connections_dropped_mid_batch_are_retried(stream_env, tmp_path):
     env, log = stream_env(**{"stream.batch_size": 200, "trigger.threshold": 10**9}), tmp_path / "accumulator.log"
-    url = make_url(env.settings.database.url)
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    admin = create_engine(make_url(env.settings.database.url).set(database="postgres"), isolation_level="AUTOCOMMIT")
     accumulator = start_accumulator(env, log)
     publisher = ChunkedPublisher(env, chunk=300, max_chunks=20)
-    killed = []
     try:
         publisher.start()
-
-        def killed_enough() -> bool:
-            """Keep killing connections caught mid-batch, while the publisher keeps the stream busy."""
-            killed.append(_terminate_busy_backends(admin, url.database))
-            return sum(killed) >= KILLED_CONNECTIONS
-
-        wait_for(killed_enough, 240, f"{KILLED_CONNECTIONS} connections killed mid-batch", every=0.02)
+        killed = [_kill_a_blocked_insert(env, admin) for _ in range(KILLED_CONNECTIONS)]
+        assert all(killed), f"each round terminated a backend caught inside a batch: {killed}"
         sent = publisher.finish()
         _drain_and_check(env, accumulator, log, sent)
     finally:
