@@ -56,6 +56,14 @@ def _other_live_sessions(users: Path) -> list[Path]:
     return [lease for lease in users.iterdir() if lease.name != str(os.getpid()) and psutil.pid_exists(int(lease.name))]
 
 
+def _disconnect_ray() -> None:
+    """Leave the cluster before it may be stopped: a driver whose GCS disappears aborts the process after 60 s."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture(scope="session")
 def stack() -> Settings:
     """Settings of a running test stack: reuses a healthy one, else starts it.
@@ -78,6 +86,7 @@ def stack() -> Settings:
     lease.touch()
     started = embedded.up(settings)
     yield settings
+    _disconnect_ray()
     lease.unlink(missing_ok=True)
     if started and os.environ.get("MEDRETRAIN_TEST_KEEP_STACK") != "1" and not _other_live_sessions(users):
         embedded.down(settings, only=started)
