@@ -62,7 +62,7 @@ def down_command(
     from services.cli import settings_of
 
     settings, console = settings_of(ctx), Console()
-    for name in ("accumulator", "orchestrator"):  # the demo's services run beside the stack
+    for name in stack.APP_SERVICES:
         process.stop(settings.stack.home, name)
     stopped = stack.down(settings, progress=lambda m: console.print(f"[green]✓[/] {m}"))
     if not stopped:

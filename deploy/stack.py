@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Start order: the broker stores topics in S3, MLflow stores artifacts there.
 SERVICES: tuple[Service, ...] = (s3.SERVICE, kafka.SERVICE, mlflow.SERVICE, ray.SERVICE)
+APP_SERVICES = ("accumulator", "orchestrator")
+"""medretrain's own long-running services (`medretrain serve NAME`), spawned beside the stack by the demo."""
 
 
 @dataclass(frozen=True)

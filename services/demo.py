@@ -28,7 +28,6 @@ DEMO_OVERRIDES = {
     "train": {"max_steps": 24, "micro_batch_size": 2, "max_length": 160, "warmup_steps": 3, "checkpoint_every_steps": 8},
     "evaluate": {"promotion": "auto", "sample_size": 12, "max_new_tokens": 40, "loss_rows": 32},
 }
-SERVICES = ("accumulator", "orchestrator")
 FINAL_PHASES = ("promoted", "rejected", "failed")
 
 
@@ -55,18 +54,12 @@ def start_services(settings: Settings) -> None:
     """The accumulator and orchestrator as background processes managed like the stack's services."""
     from deploy import process
     from deploy.ray_env import settings_env
+    from deploy.stack import APP_SERVICES
 
-    for name in SERVICES:
+    for name in APP_SERVICES:
         if process.running_pid(settings.stack.home, name) is None:
             argv = [sys.executable, "-m", "services", "serve", name]
             process.spawn(settings.stack.home, name, process.Launch(argv, Path.cwd(), settings_env(settings)))
-
-
-def stop_services(settings: Settings) -> None:
-    from deploy import process
-
-    for name in SERVICES:
-        process.stop(settings.stack.home, name)
 
 
 def status_consumer(settings: Settings):
