@@ -16,7 +16,9 @@ import json
 import logging
 import random
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,11 +64,16 @@ def build_eval_set(name: str, rows: Sequence[QAPair], settings: Settings) -> Eva
     return EvalSet(name, loss_rows, order[: settings.evaluate.sample_size])
 
 
-def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
-    """MedQuAD test split always; the snapshot's production slice when there is one with rows."""
+def medquad_set(settings: Settings) -> EvalSet:
+    """The MedQuAD test split's evaluation set: the same rows for every retrain under the same settings."""
     from trainer.medquad import load_medquad
 
-    sets = [build_eval_set("medquad", load_medquad("test"), settings)]
+    return build_eval_set("medquad", load_medquad("test"), settings)
+
+
+def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
+    """MedQuAD test split always; the snapshot's production slice when there is one with rows."""
+    sets = [medquad_set(settings)]
     if not lineage.snapshot_id:
         log.warning("candidate has no snapshot: no production slice, production rules follow their on_missing")
         return sets
@@ -105,39 +112,72 @@ def _measure_resolved(resolved, sets: Sequence[EvalSet], settings: Settings, lab
     return measure(model, tokenizer, sets, settings, label)  # the model is freed on return: one in memory at a time
 
 
-def baseline_key(version: str, sets: Sequence[EvalSet], settings: Settings) -> str:
-    """Hash of what a champion measurement depends on: version, rows, generation and loss settings."""
+def baseline_key(eval_set: EvalSet, settings: Settings) -> str:
+    """Hash of what a model's measurement on one set depends on: rows, generation and loss settings.
+
+    The cache lives on the run that holds the weights (a base run, or the training run of an
+    adapter version), so the run is the model's identity and the key need not name a version.
+    """
     ev = settings.evaluate
     payload = {
         "measurement_version": MEASUREMENT_VERSION,
-        "version": version,
         "max_length": settings.train.max_length,
         "generation": [ev.max_new_tokens, ev.batch_size],
-        "sets": {s.name: [[r.model_dump_json() for r in s.loss_rows], [r.question for r in s.sample]] for s in sets},
+        "set": eval_set.name,
+        "loss_rows": [r.model_dump_json() for r in eval_set.loss_rows],
+        "sample": [r.question for r in eval_set.sample],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _of_set(measurement: Measurement, name: str) -> Measurement:
+    metrics = {k: v for k, v in measurement.metrics.items() if k.startswith(f"{name}.")}
+    return Measurement(metrics, {name: measurement.answers[name]})
+
+
+def _merged(parts: Sequence[Measurement]) -> Measurement:
+    metrics = {k: v for p in parts for k, v in p.metrics.items()}
+    return Measurement(metrics, {k: v for p in parts for k, v in p.answers.items()})
+
+
+def cache_measurement(settings: Settings, run_id: str, sets: Sequence[EvalSet], measurement: Measurement) -> None:
+    """One cache entry per set on ``run_id``: :func:`measure_champion` finds it once that run's version is champion."""
+    from trainer.tracking import log_json
+
+    for s in sets:
+        name = f"{baseline_key(s, settings)}.json"
+        log_json(settings, run_id, name, asdict(_of_set(measurement, s.name)), artifact_path=BASELINE_CACHE_DIR)
+
+
 def measure_champion(settings: Settings, champion, sets: Sequence[EvalSet]) -> Measurement:
-    """The champion's measurement, computed once per (version, data, settings) and cached on its run.
+    """The champion's measurement, each set scored once per (weights, rows, settings) and cached on its run.
 
     Every evaluation compares against the same champion until it changes, so rescoring it would
-    double the stage's cost for identical numbers.
+    double the stage's cost for identical numbers. The MedQuAD set stays the same between
+    retrains, so usually only the new snapshot's production slice is scored here.
     """
+    import mlflow
+
     from trainer.registry import registry_client
-    from trainer.tracking import log_json
 
     client = registry_client(settings)
     run_id = client.get_model_version(champion.name, champion.version).run_id
-    name = f"{baseline_key(champion.version, sets, settings)}.json"
-    if any(f.path.endswith(name) for f in client.list_artifacts(run_id, BASELINE_CACHE_DIR)):
-        import mlflow
-
-        log.info("champion v%s measured before on these rows: reusing %s", champion.version, name)
-        return Measurement(**json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{BASELINE_CACHE_DIR}/{name}")))
-    measurement = _measure_resolved(champion, sets, settings, f"champion v{champion.version}")
-    log_json(settings, run_id, name, asdict(measurement), artifact_path=BASELINE_CACHE_DIR)
-    return measurement
+    stored = {Path(f.path).name for f in client.list_artifacts(run_id, BASELINE_CACHE_DIR)}
+    parts, missing = [], []
+    for s in sets:
+        name = f"{baseline_key(s, settings)}.json"
+        if name in stored:
+            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{BASELINE_CACHE_DIR}/{name}")
+            parts.append(Measurement(**json.loads(text)))
+        else:
+            missing.append(s)
+    log.info("champion v%s: %d of %d sets from cache; scoring %s", champion.version, len(parts), len(sets),
+             [s.name for s in missing] or "nothing")
+    if missing:
+        measured = _measure_resolved(champion, missing, settings, f"champion v{champion.version}")
+        cache_measurement(settings, run_id, missing, measured)
+        parts.append(measured)
+    return _merged(parts)
 
 
 def measure_candidate(settings: Settings, candidate: TrainedAdapter, sets: Sequence[EvalSet]) -> Measurement:
@@ -167,16 +207,32 @@ def measure_candidate(settings: Settings, candidate: TrainedAdapter, sets: Seque
         return _measure_resolved(resolved, sets, settings, "candidate")
 
 
-def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[Verdict, dict]:
-    """Measure champion and candidate on the same sets and apply the gate; returns (verdict, samples)."""
+@contextmanager
+def _stopwatch(seconds: dict[str, float], step: str) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    seconds[step] = time.monotonic() - started
+
+
+def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[Verdict, dict, dict[str, float]]:
+    """Measure champion and candidate on the same sets and apply the gate.
+
+    Returns (verdict, samples, seconds per step: ``prepare``, ``champion``, ``candidate``). The
+    candidate's measurement is cached on its run: should it become champion, no gate rescores it.
+    """
     from trainer.registry import resolve
 
     rules = gate.load_rules(settings.evaluate.gate_rules)  # a bad rules file fails before minutes of scoring
-    sets = build_eval_sets(settings, candidate.lineage)
-    champion = resolve(settings, "champion")
+    seconds: dict[str, float] = {}
+    with _stopwatch(seconds, "prepare"):
+        sets = build_eval_sets(settings, candidate.lineage)
+        champion = resolve(settings, "champion")
     log.info("scoring champion (version %s) and candidate run %s", champion.version, candidate.run_id)
-    baseline = measure_champion(settings, champion, sets)
-    challenger = measure_candidate(settings, candidate, sets)
+    with _stopwatch(seconds, "champion"):
+        baseline = measure_champion(settings, champion, sets)
+    with _stopwatch(seconds, "candidate"):
+        challenger = measure_candidate(settings, candidate, sets)
+        cache_measurement(settings, candidate.run_id, sets, challenger)
     passed, results = gate.decide(rules, challenger.metrics, baseline.metrics)
     verdict = Verdict(
         candidate_run_id=candidate.run_id,
@@ -185,7 +241,7 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
         rules=results,
         metrics={"candidate": challenger.metrics, "baseline": baseline.metrics},
     )
-    return verdict, sample_records(sets, baseline, challenger)
+    return verdict, sample_records(sets, baseline, challenger), seconds
 
 
 def sample_records(sets: Sequence[EvalSet], baseline: Measurement, candidate: Measurement) -> dict:
@@ -215,8 +271,8 @@ def decision_tags(verdict: Verdict) -> dict[str, str]:
     return tags
 
 
-def record_decision(settings: Settings, verdict: Verdict, samples: dict) -> None:
-    """``decision.json`` and ``eval/samples.json`` artifacts, decision tags and eval metrics on the candidate run."""
+def record_decision(settings: Settings, verdict: Verdict, samples: dict, seconds: dict[str, float]) -> None:
+    """``decision.json`` and ``eval/samples.json`` artifacts, decision tags, eval metrics and step times on the run."""
     from mlflow.entities import Metric, RunTag
 
     from trainer.registry import registry_client
@@ -230,7 +286,7 @@ def record_decision(settings: Settings, verdict: Verdict, samples: dict) -> None
         Metric(f"eval.{side}.{key}", value, stamp, 0)
         for side, values in verdict.metrics.items()
         for key, value in values.items()
-    ]
+    ] + [Metric(f"eval.seconds.{step}", value, stamp, 0) for step, value in seconds.items()]
     tags = [RunTag(k, v) for k, v in decision_tags(verdict).items()]
     registry_client(settings).log_batch(run_id, metrics=metrics, tags=tags)
 
@@ -277,12 +333,26 @@ def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:
     )
 
 
+def warm_up() -> None:
+    """Import the model and registry stack and load the text metric: a long-running service pays this once at start.
+
+    Cold, these imports take about as long as scoring a set on two CPU cores.
+    """
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from evaluator import promotion, report  # noqa: F401
+    from trainer import registry  # noqa: F401
+
+    scoring.overlap_scores(["warm up"], ["warm up"])
+
+
 def run(settings: Settings, candidate: TrainedAdapter) -> Verdict:
     """The whole stage: evaluate, record the decision, log the report, then register/promote per the verdict."""
     from evaluator import promotion, report
 
-    verdict, samples = evaluate_candidate(settings, candidate)
-    record_decision(settings, verdict, samples)
+    verdict, samples, seconds = evaluate_candidate(settings, candidate)
+    record_decision(settings, verdict, samples, seconds)
     report.log_report(settings, verdict, samples)
     version = promotion.apply_verdict(settings, verdict)
     log.info(

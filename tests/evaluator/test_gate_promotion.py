@@ -310,3 +310,37 @@ def test_champion_measurement_is_cached_on_its_run_and_reused(make_settings, mak
     second = evaluate_run(settings, make_candidate(settings, seed=10))
     assert second.metrics["baseline"]["medquad.loss"] == 123.0
     assert second.metrics["candidate"]["medquad.loss"] != first.metrics["candidate"]["medquad.loss"]
+
+
+def test_promoted_candidate_is_not_rescored_as_champion_but_a_new_production_slice_is(
+    make_settings, make_candidate, tmp_path
+):
+    import mlflow
+
+    from evaluator.evaluate import BASELINE_CACHE_DIR
+
+    settings = make_settings(PASS_RULES, promotion="auto")
+    first = make_candidate(settings, seed=11, snapshot_id=put_snapshot(settings, n_eval=6))
+    judged = evaluate_run(settings, first)
+    assert aliases(settings)["champion"] == "2"
+    client, _ = promotion.open_registry(settings)
+    entries = client.list_artifacts(first.run_id, BASELINE_CACHE_DIR)
+    assert len(entries) == 2  # one per set, on the run that holds version 2's adapter
+    for entry in entries:
+        payload = json.loads(mlflow.artifacts.load_text(f"runs:/{first.run_id}/{entry.path}"))
+        (set_name,) = payload["answers"]
+        assert payload["metrics"] == {
+            k: v for k, v in judged.metrics["candidate"].items() if k.startswith(f"{set_name}.")
+        }
+        payload["metrics"][f"{set_name}.loss"] = 123.0  # a marker only a cache hit can return
+        marked = tmp_path / Path(entry.path).name
+        marked.write_text(json.dumps(payload))
+        client.log_artifact(first.run_id, str(marked), artifact_path=BASELINE_CACHE_DIR)
+
+    second = make_candidate(settings, seed=12, snapshot_id=put_snapshot(settings, n_eval=5))
+    verdict = evaluate_run(settings, second)
+    assert verdict.baseline_version == "2"
+    assert verdict.metrics["baseline"]["medquad.loss"] == 123.0  # the same MedQuAD rows: looked up
+    assert verdict.metrics["baseline"]["production.loss"] != 123.0  # another slice: scored
+    recorded = client.get_run(second.run_id).data.metrics
+    assert {"eval.seconds.prepare", "eval.seconds.champion", "eval.seconds.candidate"} <= set(recorded)
