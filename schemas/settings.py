@@ -194,7 +194,7 @@ class OrchestratorSettings(_Section):
     max_attempts: int = Field(2, ge=1)
     """Ray job attempts per retrain request before it is marked failed."""
     poll_interval_s: float = Field(1.0, gt=0)
-    """Pause between two looks at the topic and the running job."""
+    """Longest wait for a request on the topic between two looks at the running job."""
     max_step_s: float = Field(3600.0, gt=0)
     """Longest expected gap between two consumer polls (an evaluation runs in between)."""
 

@@ -162,10 +162,14 @@ class Orchestrator:
         if phase != "succeeded":
             self.publish(row.request_id, phase, run_id=run_id, model_version=version, detail=detail[phase])
 
-    def consume(self, consumer: KafkaConsumer) -> int:
-        """Store the requests waiting on the topic, then commit their offsets; returns how many await a job."""
+    def consume(self, consumer: KafkaConsumer, timeout_ms: int) -> int:
+        """Store the requests on the topic, waiting up to ``timeout_ms`` for one, then commit their offsets.
+
+        Returns how many await a job. Waiting in the poll rather than in a sleep lets a request
+        that arrives meanwhile be submitted at once.
+        """
         new = 0
-        for records in consumer.poll(timeout_ms=200).values():
+        for records in consumer.poll(timeout_ms=timeout_ms).values():
             for record in records:
                 try:
                     request = RetrainRequest.model_validate_json(record.value)
@@ -189,6 +193,16 @@ def _last_error(logs: str, lines: int = 5) -> str:
     return " | ".join(tail)[-1500:] or "no log output"
 
 
+def _warm_up() -> None:
+    """The evaluator's imports, off the retrain path: the first gate would otherwise pay them."""
+    try:
+        from evaluator import evaluate
+
+        evaluate.warm_up()
+    except Exception:  # the gate imports again and reports a real failure there
+        log.warning("evaluator warm-up failed", exc_info=True)
+
+
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): consume requests, advance the current retrain."""
     from ray.job_submission import JobSubmissionClient
@@ -197,6 +211,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     from services.publisher import make_producer
 
     stop = stop or threading.Event()
+    threading.Thread(target=_warm_up, name="evaluator-warm-up", daemon=True).start()
     engine = make_engine(settings)
     create_schema(engine)
     ensure_topics(settings)
@@ -212,9 +227,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     log.info("orchestrator consuming %s, Ray at %s", settings.kafka.requests_topic, settings.ray.address)
     try:
         while not stop.is_set():
-            orchestrator.consume(consumer)
+            orchestrator.consume(consumer, timeout_ms=int(settings.orchestrator.poll_interval_s * 1000))
             orchestrator.tick()
-            stop.wait(settings.orchestrator.poll_interval_s)
     finally:
         consumer.close()
         orchestrator.producer.close()
