@@ -17,6 +17,7 @@ from evaluator.promotion import alias_version, open_registry
 from schemas.events import RetrainStatus
 from services.publisher import medquad_events, publish
 from services.store import RetrainRequestRow
+from services.timeline import retrain_timeline
 from services.trigger import emit_manual
 from stream_stack import close_env, open_env, read_topic, start_service, stop, wait_for
 from trainer import tracking
@@ -86,6 +87,10 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         assert done.phase == "promoted", done.detail
         assert [r.reason for r in requests_in_store(loop_env)] == ["threshold"]  # exactly one retrain
         assert jobs_of(settings, request_id) == [f"medretrain-{request_id}-a1"]
+        started = next(s for s in statuses(settings) if s.request_id == request_id and s.phase == "started")
+        timeline = retrain_timeline(settings, request_id, started, done)
+        assert sum(seconds for _, seconds in timeline.stages) == pytest.approx(timeline.total_s)
+        assert 0 < timeline.trigger_latency_s and 0 < timeline.training_s < timeline.ray_job_s < timeline.total_s
 
         client, name = open_registry(settings)
         assert alias_version(client, name, "champion") == done.model_version != "1"
