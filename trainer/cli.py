@@ -71,8 +71,7 @@ def tune_command(
     if samples is not None:
         settings = with_overrides(settings, {"tune": {"num_samples": samples}})
     out = out or settings.stack.home / "tuned" / "best_train.json"
-    best = run_tune(settings, snapshot, out)
-    console.print_json(data=best)
+    console.print_json(data=run_tune(settings, snapshot, out)["train"])
     console.print(f"use it: [bold]medretrain --set train.tuned_config={out} train ...[/bold] or MEDRETRAIN_TRAIN__TUNED_CONFIG={out}")
 
 

@@ -11,6 +11,7 @@ fast path (packing) can swap the collator without touching the loss or the loop:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator, Sequence
 
@@ -88,6 +89,18 @@ def pack_items(items: Sequence[tuple[int, Example]], row_len: int, pad_id: int) 
     """Encoded (row id, example) pairs packed into fixed-length rows, each with the row ids it holds."""
     rows = pack_examples([e for _, e in items], row_len, pad_id)
     return [(tuple(items[m][0] for m in row.members), row) for row in rows]
+
+
+def training_items(tokenizer, rows: Sequence[QAPair], train) -> list:
+    """What a sampler walks over: encoded pairs, or packed rows of them with ``train.packing``."""
+    items = encode_rows(tokenizer, rows, train.max_length)
+    return pack_items(items, train.max_length, tokenizer.pad_token_id) if train.packing else items
+
+
+def steps_for_epochs(items: int, epochs: float, train, world_size: int) -> int:
+    """Optimizer steps that walk ``epochs`` times over ``items`` micro-batch items on ``world_size`` ranks."""
+    per_step = train.micro_batch_size * train.gradient_accum * world_size
+    return max(1, math.ceil(epochs * items / per_step))
 
 
 def collate_packed_items(items: Sequence[tuple[tuple[int, ...], PackedRow]]) -> dict[str, torch.Tensor]:

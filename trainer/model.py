@@ -128,17 +128,25 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def load_base(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local HF causal LM folder (safetensors only) and its tokenizer, with a pad token set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """A model folder's tokenizer with a pad token set."""
+    from transformers import AutoTokenizer
 
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         # LLaMA tokenizers often ship without one; eos is the usual stand-in and is masked out of the loss.
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local HF causal LM folder (safetensors only) and its tokenizer, with a pad token set."""
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    tokenizer = load_tokenizer(model_dir)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

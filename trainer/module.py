@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from schemas.data import QAPair
 from schemas.settings import TrainSettings
-from trainer.data import StepBatchSampler, collate, collate_packed_items, encode_rows, eval_shard, pack_items
+from trainer.data import StepBatchSampler, collate, collate_packed_items, encode_rows, eval_shard, training_items
 from trainer.loss import answer_loss
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,7 @@ class RankData(L.LightningDataModule):
         self.resumed_from: dict[str, int] | None = None
 
     def setup(self, stage: str) -> None:
-        self.train_items = encode_rows(self.tokenizer, self.train_rows, self.cfg.max_length)
-        if self.cfg.packing:
-            # Rows of max_length tokens holding several pairs each: the sampler then walks packed rows.
-            self.train_items = pack_items(self.train_items, self.cfg.max_length, self.tokenizer.pad_token_id)
+        self.train_items = training_items(self.tokenizer, self.train_rows, self.cfg)
         self.val_items = encode_rows(self.tokenizer, self.val_rows, self.cfg.max_length)
 
     def _collate(self):

@@ -36,7 +36,7 @@ from schemas.data import QAPair
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, load_settings, with_overrides
 from trainer import tracking
-from trainer.data import mix_rows, sample_replay
+from trainer.data import mix_rows, sample_replay, steps_for_epochs, training_items
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,21 @@ def training_rows(
     return manifest, mix_rows(new_rows, replay), val_rows
 
 
+def steps_from_epochs(settings: Settings, items: int) -> Settings:
+    """``train.max_steps`` for ``train.epochs`` passes over ``items`` (pairs, or packed rows), when epochs are set."""
+    cfg = settings.train
+    if cfg.epochs is None:
+        return settings
+    return with_overrides(settings, {"train": {"max_steps": steps_for_epochs(items, cfg.epochs, cfg, cfg.num_workers)}})
+
+
+def count_items(settings: Settings, rows: Sequence[QAPair], model_dir) -> int:
+    """Training items the workers will walk over: tokenized (and packed) as they do it."""
+    from trainer.model import load_tokenizer
+
+    return len(training_items(load_tokenizer(model_dir), rows, settings.train))
+
+
 def run_params(settings: Settings, request: RetrainRequest, parent) -> dict[str, Any]:
     """MLflow params of a retrain; ``parent`` is the resolved version training starts from."""
     cfg = settings.train
@@ -116,6 +131,7 @@ def run_params(settings: Settings, request: RetrainRequest, parent) -> dict[str,
         "global_batch_size": cfg.micro_batch_size * cfg.gradient_accum * cfg.num_workers,
         "max_length": cfg.max_length,
         "max_steps": cfg.max_steps,
+        "epochs": cfg.epochs or "",
         "parent_version": parent.version,
         "adapter_init": f"continued v{parent.version}" if parent.adapter_dir else "fresh",
         "snapshot_id": request.snapshot_id or "",
@@ -202,6 +218,10 @@ def train_func(config: dict[str, Any]) -> None:
         tracking.upload_adapter(settings, config["run_id"], model, tokenizer)
 
 
+def worker_resources(cfg) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+
+
 def build_torch_trainer(settings: Settings, name: str, train_loop_config: dict[str, Any], callbacks=()):
     """TorchTrainer whose run ``name`` under the checkpoints bucket makes a resubmission resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -212,7 +232,7 @@ def build_torch_trainer(settings: Settings, name: str, train_loop_config: dict[s
         train_func,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
         ),
         run_config=RunConfig(
             name=name,
@@ -256,6 +276,8 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
     run_id = tracking.find_run(settings, tracking.REQUEST_TAG, request.request_id, kind="retrain")
     settings, parent = start_model(settings, request, run_id)
     manifest, train_rows, val_rows = training_rows(settings, request)
+    if settings.train.epochs is not None:
+        settings = steps_from_epochs(settings, count_items(settings, train_rows, parent.base_dir))
     lineage = Lineage(
         request_id=request.request_id,
         snapshot_id=request.snapshot_id,

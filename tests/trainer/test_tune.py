@@ -7,14 +7,15 @@ import pytest
 from mlflow import MlflowClient
 
 from schemas.events import RetrainRequest
-from schemas.settings import with_overrides
+from schemas.settings import Settings, with_overrides
 from trainer import tracking
 from trainer.registry import bootstrap
-from trainer.retrain import effective_settings
+from trainer.retrain import effective_settings, steps_from_epochs
+from trainer.data import steps_for_epochs
 from trainer.tune import run_tune, trial_overrides
 
 TINY_TRAIN = {
-    "max_steps": 2, "checkpoint_every_steps": 1, "max_length": 64, "val_rows": 2, "replay_min_rows": 32,
+    "max_steps": 2, "checkpoint_every_steps": 1, "max_length": 64, "val_rows": 2, "replay_min_rows": 8,
     "warmup_steps": 0,
 }  # fmt: skip
 
@@ -27,15 +28,25 @@ def test_trial_overrides_map_the_search_space():
     }
 
 
+def test_epochs_become_max_steps_at_the_micro_batch():
+    config = {"lr": 1e-3, "lora_r": 4, "alpha_per_r": 1, "micro_batch_size": 4, "epochs": 1.5}
+    train = {**trial_overrides(config), "num_workers": 2, "gradient_accum": 1}
+    # 100 items, 4 per rank and 2 ranks per step: 12.5 steps an epoch, 18.75 for 1.5 epochs.
+    assert steps_from_epochs(with_overrides(Settings(), {"train": train}), items=100).train.max_steps == 19
+    assert steps_from_epochs(Settings(), items=100).train.max_steps == Settings().train.max_steps  # no epochs set
+    assert steps_for_epochs(3, 0.1, Settings().train, 1) == 1  # a run is never zero steps
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_dir, tmp_path):
-    tune = {"num_samples": 2, "max_steps": 2, "workers_per_trial": 1, "max_concurrent": 1}
+    tune = {"num_samples": 2, "max_steps": 2, "workers_per_trial": 1, "max_concurrent": 1, "epochs": [0.5, 1]}
     overrides = {"mlflow": {"registered_model": f"t-tune-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN, "tune": tune}
     settings = with_overrides(stack, overrides)
     bootstrap(settings, from_path=tiny_model_dir)
 
-    best = run_tune(settings, snapshot_id=None, out=tmp_path / "best.json")
+    search = run_tune(settings, snapshot_id=None, out=tmp_path / "best.json")
+    best = search["train"]
 
     client = MlflowClient(settings.mlflow.tracking_uri)
     parents = client.search_runs(
@@ -46,7 +57,11 @@ def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_
     assert len(children) == 2 and all(c.data.tags[tracking.KIND_TAG] == "tune-trial" for c in children)
     assert all("val_loss" in c.data.metrics for c in children)
     assert json.loads((tmp_path / "best.json").read_text()) == best
-    assert {"lr", "micro_batch_size", "lora"} == set(best)
+    assert {"lr", "micro_batch_size", "lora", "epochs"} == set(best) and best["epochs"] in (0.5, 1)
+    # 8 replay rows on one worker: an epoch is 4, 2 or 1 steps at micro batch 2, 4 or 8.
+    expected = {t["train"]["epochs"] * 8 // t["train"]["micro_batch_size"] or 1 for t in search["trials"]}
+    assert {int(c.data.params["max_steps"]) for c in children} == expected
+    assert all(t["val_loss"] is not None for t in search["trials"])
 
     request = RetrainRequest(request_id="rr-x", reason="manual", watermark=0, overrides={"train": {"lr": 0.5}})
     tuned = effective_settings(with_overrides(settings, {"train": {"tuned_config": str(tmp_path / "best.json")}}), request)
