@@ -112,6 +112,13 @@ def _measure_resolved(resolved, sets: Sequence[EvalSet], settings: Settings, lab
     return measure(model, tokenizer, sets, settings, label)  # the model is freed on return: one in memory at a time
 
 
+def measure_version(settings: Settings, version: str, sets: Sequence[EvalSet]) -> Measurement:
+    """A registered version (number or alias) on ``sets``, outside a gate decision (e.g. reports)."""
+    from trainer.registry import resolve
+
+    return _measure_resolved(resolve(settings, version), sets, settings, f"v{version}")
+
+
 def baseline_key(eval_set: EvalSet, settings: Settings) -> str:
     """Hash of what a model's measurement on one set depends on: rows, generation and loss settings.
 
