@@ -1,6 +1,6 @@
 """The end-to-end demo: from nothing to a promoted model on the embedded stack.
 
-    medretrain demo                 # about 8 minutes on 2 quiet CPU cores
+    medretrain demo                 # about 6 minutes on 2 lightly loaded CPU cores
     medretrain demo --events 600
 
 Stack up -> base model v1 as champion -> accumulator + orchestrator started -> production
