@@ -49,7 +49,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None, "batch_size": 128},
         "trigger": {"threshold": 2000, "cooldown_s": 0},
-        "tune": {"num_samples": 6, "epochs": [1, 2, 3], "max_concurrent": 6, "workers_per_trial": 1},
+        "tune": {"num_samples": 4, "epochs": [1, 2, 3], "max_concurrent": 1, "workers_per_trial": 1, "time_budget_s": 480},
     },
     # The same flow in minutes on two CPU cores with a tiny model: checks the plumbing, not quality.
     "cpu-smoke": {
@@ -62,8 +62,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tune": {"num_samples": 2, "epochs": [0.002, 0.004], "max_concurrent": 1, "workers_per_trial": 1},
     },
 }  # fmt: skip
-TUNE_TRAIN = {"gpu": {"gpus_per_worker": 1 / 6, "cpus_per_worker": 2}, "cpu-smoke": {}}
-"""Trial workers' resources: all six SmolLM2-135M trials share the GPU at once."""
+TUNE_TRAIN = {"gpu": {"gpus_per_worker": 1.0}, "cpu-smoke": {}}
+"""Trial workers' resources. One trial at a time: six sharing a GPU each compiled for minutes and barely trained."""
 PRODUCTION_EVENTS = {"gpu": 2539, "cpu-smoke": 50}
 """The whole production split on GPU (threshold 2000 fires once)."""
 
@@ -154,7 +154,8 @@ def production_set(settings: Settings, run_id: str):
     return build_eval_set("production", production, settings)
 
 
-def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: float, results: Results, last: str) -> None:
+def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: float, results: Results, last: str,
+        skip: list[str]) -> None:
     from evaluator.evaluate import measure_version
     from services import publisher
     from services.demo import start_services, unseen_events
@@ -165,7 +166,8 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
 
     tuned = settings.stack.home / "tuned" / "quality_best_train.json"
     tune_settings = with_overrides(settings, {"train": {**TUNE_TRAIN[profile], **REPLAY_ALL}})
-    settings = with_overrides(settings, {"train": {"tuned_config": str(tuned)}})
+    if "tune" not in skip:
+        settings = with_overrides(settings, {"train": {"tuned_config": str(tuned)}})
     engine = make_engine(settings)
     create_schema(engine)  # the accumulator may not have created it yet
 
@@ -194,8 +196,10 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
     }
     results.data.update(benchmark="quality", profile=profile,
                         settings={k: settings.model_dump(mode="json")[k] for k in ("train", "evaluate", "trigger", "tune")})  # fmt: skip
+    results.data["skipped"] = skip
     for name in STAGES[: STAGES.index(last) + 1]:
-        results.stage(name, steps[name])
+        if name not in skip:
+            results.stage(name, steps[name])
 
 
 def device() -> dict[str, Any]:
@@ -211,13 +215,15 @@ def main() -> None:
     parser.add_argument("--base-model", type=Path, help="local HF checkpoint for v1 (default: the shipped SmolLM2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds each round may take")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run now")
+    parser.add_argument("--skip", action="append", default=[], choices=["tune"],
+                        help="without tune, the rounds train with the profile's own settings")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json",
                         help="results; stages already in it are skipped")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = with_overrides(load_settings(), PROFILES[args.profile])
     results = Results(args.out)
-    run(settings, args.profile, args.base_model, args.timeout, results, args.until)
+    run(settings, args.profile, args.base_model, args.timeout, results, args.until, args.skip)
     results.data.update(device=device(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     results.save()
     print(json.dumps(results.data, indent=2, default=str))

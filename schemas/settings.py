@@ -193,6 +193,8 @@ class TuneSettings(_Section):
     """Reports (one per checkpoint) every trial gets before ASHA may stop it."""
     workers_per_trial: int = Field(1, ge=1)
     max_concurrent: int = Field(1, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop the search after this long and keep the trials' results so far."""
     seed: int = 7
 
 

@@ -108,7 +108,10 @@ class Orchestrator:
             self.jobs.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env(self.settings))
         except RuntimeError as e:
             if "already exists" not in str(e):
-                raise
+                # E.g. "No available agent to submit job" while Ray's agent (re)starts: the recorded id is
+                # unknown to Ray, so the next look at the job (follow) submits this attempt again.
+                log.warning("submitting %s failed (%s); trying again", job_id, e)
+                return
             log.info("job %s was submitted before a restart; reattaching", job_id)
         self.publish(row.request_id, "started", ray_job_id=job_id, detail=f"attempt {attempt}")
 

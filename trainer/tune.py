@@ -124,6 +124,7 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
             mode=MODE,
             num_samples=cfg.num_samples,
             max_concurrent_trials=cfg.max_concurrent,
+            time_budget_s=cfg.time_budget_s,
             scheduler=tune.schedulers.ASHAScheduler(max_t=reports, grace_period=min(cfg.grace_checkpoints, reports)),
             search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed),
         ),
