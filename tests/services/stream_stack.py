@@ -63,24 +63,25 @@ def open_env(base: Settings, extra: dict[str, Any]) -> StreamEnv:
     return StreamEnv(settings, overrides)
 
 
-def _drop_bucket(settings: Settings) -> None:
+def drop_bucket(settings: Settings, bucket: str) -> None:
+    """Empty and delete one of the test's own buckets."""
     from botocore.exceptions import ClientError
 
     from deploy.clients import boto3_s3
 
-    s3, bucket = boto3_s3(settings), settings.s3.datasets_bucket
+    s3 = boto3_s3(settings)
     try:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             for item in page.get("Contents", []):
                 s3.delete_object(Bucket=bucket, Key=item["Key"])
         s3.delete_bucket(Bucket=bucket)
-    except ClientError:  # never created: the test emitted no snapshot
+    except ClientError:  # never created: e.g. the test emitted no snapshot
         pass
 
 
 def close_env(env: StreamEnv) -> None:
     """Drop the test's database, datasets bucket and topics."""
-    _drop_bucket(env.settings)
+    drop_bucket(env.settings, env.settings.s3.datasets_bucket)
     url = make_url(env.settings.database.url)
     admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

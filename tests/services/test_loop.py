@@ -19,7 +19,7 @@ from services.publisher import medquad_events, publish
 from services.store import RetrainRequestRow
 from services.timeline import retrain_timeline
 from services.trigger import emit_manual
-from stream_stack import close_env, open_env, read_topic, start_service, stop, wait_for
+from stream_stack import close_env, drop_bucket, open_env, read_topic, start_service, stop, wait_for
 from trainer import tracking
 from trainer.model import build_tiny_llama
 from trainer.registry import bootstrap
@@ -36,10 +36,16 @@ LENIENT_RULES = {"schema_version": 1, "rules": [
 
 @pytest.fixture
 def loop_env(stack, tmp_path):
+    from deploy.clients import boto3_s3
+
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps(LENIENT_RULES))
+    suffix = uuid.uuid4().hex[:8]
     env = open_env(stack, {
-        "mlflow.registered_model": f"loop-{uuid.uuid4().hex[:8]}",
+        # Request ids follow from the data, the same in every session: runs and checkpoints a test stack
+        # kept from an earlier session must not be found (and resumed) as this session's.
+        "mlflow.experiment": f"loop-{suffix}", "s3.checkpoints_bucket": f"medretrain-checkpoints-{suffix}",
+        "mlflow.registered_model": f"loop-{suffix}",
         "kafka.orchestrator_group": f"orchestrator-{uuid.uuid4().hex[:8]}",
         "trigger.threshold": 40, "trigger.cooldown_s": 0,
         "train.max_steps": 4, "train.micro_batch_size": 2, "train.max_length": 64, "train.warmup_steps": 1,
@@ -47,8 +53,10 @@ def loop_env(stack, tmp_path):
         "evaluate.promotion": "auto", "evaluate.sample_size": 2, "evaluate.loss_rows": 4,
         "evaluate.max_new_tokens": 4, "evaluate.gate_rules": str(rules),
     })
+    boto3_s3(env.settings).create_bucket(Bucket=env.settings.s3.checkpoints_bucket)
     bootstrap(env.settings, from_path=build_tiny_llama(tmp_path / "tiny"))
     yield env
+    drop_bucket(env.settings, env.settings.s3.checkpoints_bucket)
     close_env(env)
 
 
