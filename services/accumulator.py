@@ -4,15 +4,15 @@
     medretrain --set stream.batch_size=500 --set stream.metrics_port=0 serve accumulator
 
 Per batch (``stream.batch_size`` records or ``stream.batch_window_s`` seconds): validate,
-dead-letter bad records (original bytes, reason, source position) on ``kafka.dlq_topic``,
-insert good ones with ``ON CONFLICT (event_id) DO NOTHING``, then hand the batch back to
-faust, which acks it. Only acked records have their offsets committed, i.e. after the
-database commit: a crash anywhere replays uncommitted records, and the unique event_id
-turns replays into counted duplicates. The dead-letter topic is at-least-once (a replay may
-repeat an entry; source topic/partition/offset identify it). Durable state lives in the
-database, never in faust tables. After a batch that may reach the threshold, and on a timer
-(cooldowns expire while the stream is idle), the trigger checks it; the timer also publishes
-requests that a broker outage left recorded but unsent.
+then, while the agent collects and validates the next batch, insert good records with
+``ON CONFLICT (event_id) DO NOTHING``, dead-letter bad ones (original bytes, reason, source
+position) on ``kafka.dlq_topic``, and only then ack the batch. Only acked records have their
+offsets committed, i.e. after the database commit: a crash anywhere replays uncommitted
+records, and the unique event_id turns replays into counted duplicates. The dead-letter topic
+is at-least-once (a replay may repeat an entry; source topic/partition/offset identify it).
+Durable state lives in the database, never in faust tables. After a batch that may reach the
+threshold, and on a timer (cooldowns expire while the stream is idle), the trigger checks it;
+the timer also publishes requests that a broker outage left recorded but unsent.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 import faust
 from sqlalchemy import Engine
@@ -31,7 +32,7 @@ from deploy.clients import ensure_topics
 from schemas.settings import Settings
 from services import stream_metrics as metrics
 from services import trigger
-from services.ingest import Rejection, SourceRecord, dead_letter, split_batch, store_batch
+from services.ingest import Batch, Rejection, SourceRecord, dead_letter, split_batch, store_batch
 from services.store import InsertResult, create_schema, make_engine
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ log = logging.getLogger(__name__)
 TRIGGER_RECHECK_S = 5.0
 DB_RETRY_MAX_S = 30.0
 EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: a supervisor restarts the worker, which replays the batch
+
+
+def _exit_uncommitted(records: Sequence[SourceRecord]) -> NoReturn:
+    """Exit at once: the batch stays unacked, so its offsets are never committed and a restart reads it again."""
+    log.critical("batch of %d records from %s failed; exiting without committing it", len(records),
+                 records[0].topic if records else "?", exc_info=True)
+    logging.shutdown()
+    os._exit(EXIT_BATCH_FAILED)
 
 
 class BatchSink:
@@ -51,25 +60,46 @@ class BatchSink:
         """Rows since the last snapshot: the last check's count plus what this worker stored since."""
         self._held = False
         """The last check waited on cooldown or an in-flight retrain; only the timer checks again."""
+        self._writing: asyncio.Task | None = None
+        """The previous batch, stored while the agent collects and validates the next one."""
 
-    async def handle(self, records: Sequence[SourceRecord]) -> None:
-        """Store and dead-letter one batch; on an unexpected error, exit before faust can ack it.
+    async def submit(self, events: Sequence[faust.EventT]) -> None:
+        """Validate a batch, then store it in the background while the agent collects the next one.
 
-        ``take_events`` acks a batch even when the loop body raises, and acked offsets get
-        committed: a hard exit instead means the batch is read again after the restart.
+        Each message gets one more reference, so the ack ``take_events`` makes once the agent body
+        returns does not release it: only ``_finish`` does, after the database commit, so no offset
+        is committed sooner. Batches are stored one at a time, in order.
         """
+        for event in events:
+            event.message.incref()
+        records = [record_of(event) for event in events]
         try:
-            await self._handle(records)
+            batch = split_batch(records, self.settings)
         except Exception:
-            log.critical("batch of %d records from %s failed; exiting without committing it", len(records),
-                         records[0].topic if records else "?", exc_info=True)
-            logging.shutdown()
-            os._exit(EXIT_BATCH_FAILED)
+            _exit_uncommitted(records)
+        await self.drain()
+        self._writing = asyncio.create_task(self._finish(events, records, batch))
 
-    async def _handle(self, records: Sequence[SourceRecord]) -> None:
+    async def drain(self) -> None:
+        """Wait for the batch being stored, if any."""
+        if self._writing is not None:
+            # Shielded: a worker stopping mid-wait must not cancel a write whose rows may already be committed.
+            await asyncio.shield(self._writing)
+            self._writing = None
+
+    async def _finish(self, events: Sequence[faust.EventT], records: Sequence[SourceRecord], batch: Batch) -> None:
+        """Store and dead-letter one batch, then ack it; on an unexpected error, exit without acking it."""
+        try:
+            await self._handle(records, batch)
+        except Exception:
+            _exit_uncommitted(records)
+        for event in events:
+            event.ack()
+        await self.after_batch()
+
+    async def _handle(self, records: Sequence[SourceRecord], batch: Batch) -> None:
         started = time.perf_counter()
         metrics.CONSUMED.inc(len(records))
-        batch = split_batch(records, self.settings)
         result, refused = await self._store(batch.rows)
         await self._dead_letter(batch.rejected + refused)
         metrics.ACCEPTED.inc(result.new)
@@ -177,10 +207,12 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.agent(events, name="accumulate")
     async def accumulate(stream_: faust.StreamT) -> None:
-        async for batch in stream_.take_events(batching.batch_size, within=batching.batch_window_s):
-            await sink.handle([record_of(event) for event in batch])
-            observe_lag(app, batch)
-            await sink.after_batch()
+        try:
+            async for batch in stream_.take_events(batching.batch_size, within=batching.batch_window_s):
+                await sink.submit(batch)
+                observe_lag(app, batch)
+        finally:  # a stopping worker still acks what it stored, so a restart does not read it again
+            await sink.drain()
 
     @app.timer(interval=TRIGGER_RECHECK_S)
     async def recheck() -> None:
