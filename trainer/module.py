@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from schemas.data import QAPair
 from schemas.settings import TrainSettings
-from trainer.data import StepBatchSampler, collate, collate_packed_items, encode_rows, eval_shard, training_items
+from trainer.data import StepBatchSampler, collate, collate_packed_items, eval_shard, training_items
 from trainer.loss import answer_loss
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ class RankData(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.train_items = training_items(self.tokenizer, self.train_rows, self.cfg)
-        self.val_items = encode_rows(self.tokenizer, self.val_rows, self.cfg.max_length)
+        # Packed like training rows: fixed shapes, so a compiled model is not recompiled per validation batch.
+        self.val_items = training_items(self.tokenizer, self.val_rows, self.cfg)
 
     def _collate(self):
         return partial(collate, pad_id=self.tokenizer.pad_token_id)
@@ -120,7 +121,7 @@ class RankData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         shard = [self.val_items[i] for i in eval_shard(len(self.val_items), self.trainer.global_rank, self.trainer.world_size)]
-        return DataLoader(shard, batch_size=self.cfg.micro_batch_size, collate_fn=self._collate())
+        return DataLoader(shard, batch_size=self.cfg.micro_batch_size, collate_fn=self._train_collate())
 
     def state_dict(self) -> dict[str, int]:
         return {
