@@ -104,3 +104,20 @@ def test_registry_smollm2_loss_goes_down(stack):
     model = attach_lora(model, LoraSettings(r=8, alpha=16))
     first, last = _loss_drops_on_a_fixed_batch(model, tokenizer, steps=4, lr=1e-3)
     assert last < first - 0.05
+
+
+def test_packed_validation_rows_have_fixed_shape_and_the_same_loss(tiny_model_dir: Path):
+    """With packing, validation batches are packed rows too (no recompiles per shape) and score the same tokens."""
+    model, tokenizer = load_base(tiny_model_dir)
+    packed_cfg = CFG.model_copy(update={"packing": True})
+    data = RankData(ROWS, ROWS[:6], tokenizer, packed_cfg)
+    data.setup("fit")
+    data.trainer = type("OneRank", (), {"global_rank": 0, "world_size": 1})()
+    batches = list(data.val_dataloader())
+    assert all(b["input_ids"].shape[1] == packed_cfg.max_length for b in batches)
+    assert sum(len(b["row_ids"]) for b in batches) == 6  # every validation pair, once
+    padded = collate(encode_rows(tokenizer, ROWS[:6], CFG.max_length), pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():  # token-weighted means over the same answer tokens (the loss is a per-batch mean)
+        packed_loss = sum(float(answer_loss(model, b, 64)) * int((b["labels"] != -100).sum()) for b in batches)
+        packed_loss /= sum(int((b["labels"] != -100).sum()) for b in batches)
+        assert packed_loss == pytest.approx(float(answer_loss(model, padded, 64)), rel=1e-4)
