@@ -97,7 +97,9 @@ class Orchestrator:
         from deploy.ray_env import runtime_env
 
         job_id = submission_id(row.request_id, attempt)
-        if attempt == 1:  # the trigger may have stored the row before this consumer saw the message
+        # Once per request (not again when a refused submission is retried): the trigger may have stored
+        # the row before this consumer saw the message.
+        if attempt == 1 and row.state == "requested":
             self.publish(row.request_id, "requested", detail=row.reason)
         # Write-ahead: the id is durable before Ray hears of it, so a crash cannot lose track of a job.
         set_state(self.engine, row.request_id, state="started", ray_job_id=job_id, attempts=attempt,
