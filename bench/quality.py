@@ -189,7 +189,7 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
 
     steps = {
         "bootstrap": lambda: bootstrap(settings, from_path=base_model),
-        "tune": lambda: run_tune(tune_settings, None, tuned) | {"tuned_config": json.loads(tuned.read_text())},
+        "tune": lambda: run_tune(tune_settings, None, tuned),  # its "train" is what the tuned config file holds
         "round1": round1,
         "round2": round2,
         "base_on_production": base_on_production,

@@ -97,7 +97,8 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
     request = RetrainRequest(request_id=tune_id, reason="manual", watermark=0, snapshot_id=snapshot_id)
     _, train_rows, val_rows = training_rows(settings, request)
     champion = resolve(settings, "champion")  # its base: the searched LoRA shape needs a fresh adapter
-    items = count_items(settings, train_rows, champion.base_dir)
+    # Tokenizing every row on the driver only pays off when some trial's length is given in epochs.
+    items = count_items(settings, train_rows, champion.base_dir) if cfg.epochs or settings.train.epochs else 0
     longest = {"epochs": max(cfg.epochs, default=None), "micro_batch_size": min(MICRO_BATCHES)}
     longest_steps = steps_from_epochs(with_overrides(settings, {"train": longest}), items).train.max_steps
     tags = {tracking.KIND_TAG: "tune", "medretrain.tune_id": tune_id}
