@@ -98,7 +98,9 @@ def measure(model, tokenizer, sets: Sequence[EvalSet], settings: Settings, label
         tag = f"{label}/{s.name}"
         scores = inference.answer_loss(model, tokenizer, s.loss_rows, settings.train.max_length, ev.batch_size, tag)
         questions = [row.question for row in s.sample]
-        answers[s.name] = inference.generate_answers(model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, tag)
+        answers[s.name] = inference.generate_answers(
+            model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, tag, ev.no_repeat_ngram_size
+        )
         scores |= scoring.score_answers(answers[s.name], [row.answer for row in s.sample])
         metrics |= {f"{s.name}.{key}": value for key, value in scores.items()}
     return Measurement(metrics, answers)
@@ -129,7 +131,7 @@ def baseline_key(eval_set: EvalSet, settings: Settings) -> str:
     payload = {
         "measurement_version": MEASUREMENT_VERSION,
         "max_length": settings.train.max_length,
-        "generation": [ev.max_new_tokens, ev.batch_size],
+        "generation": [ev.max_new_tokens, ev.batch_size, ev.no_repeat_ngram_size],
         "set": eval_set.name,
         "loss_rows": [r.model_dump_json() for r in eval_set.loss_rows],
         "sample": [r.question for r in eval_set.sample],

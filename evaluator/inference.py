@@ -59,9 +59,20 @@ def prompt_text(tokenizer, question: str) -> str:
 
 @torch.inference_mode()
 def generate_answers(
-    model, tokenizer, questions: Sequence[str], max_new_tokens: int, batch_size: int, label: str
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    label: str,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
-    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
+    """Greedy answers, batched with left padding so every prompt ends where generation starts.
+
+    ``no_repeat_ngram_size`` > 0 forbids repeating any token n-gram of that size (still
+    deterministic): small models fine-tuned on long list-style answers otherwise loop under
+    plain greedy decoding until the token limit.
+    """
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = []
@@ -70,7 +81,13 @@ def generate_answers(
         for chunk in track(batches, description=f"generate {label}", console=_progress_console, transient=True):
             prompts = [prompt_text(tokenizer, q) for q in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                pad_token_id=_pad_id(tokenizer),
+            )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:

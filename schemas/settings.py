@@ -211,6 +211,8 @@ class EvalSettings(_Section):
     sample_size: int = Field(32, ge=1)
     """Questions per set that get generated answers (seeded)."""
     max_new_tokens: int = Field(64, ge=1)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    """Greedy decoding never repeats a token n-gram of this size; 0 = plain greedy."""
     loss_rows: int | None = 256
     """Rows per set for teacher-forced loss; None scores all."""
     batch_size: int = Field(8, ge=1)

@@ -99,7 +99,9 @@ def ask(
     with console.status(f"loading {settings.mlflow.registered_model}@{version}…"):
         resolved = resolve(settings, version)
         model, tokenizer = load_resolved(resolved)
-    answer = generate_answers(model.eval(), tokenizer, [question], max_new_tokens, batch_size=1, label="answer")[0]
+    answer = generate_answers(
+        model.eval(), tokenizer, [question], max_new_tokens, 1, "answer", settings.evaluate.no_repeat_ngram_size
+    )[0]
     console.print(f"[dim]{resolved.name} v{resolved.version}[/]")
     console.print(answer or "[yellow](empty answer)[/]")
 

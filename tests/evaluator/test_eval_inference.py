@@ -56,6 +56,21 @@ def test_batched_left_padded_generation_matches_one_by_one(adapted, rows):
     assert tokenizer.padding_side == "right"  # restored for the loss path
 
 
+def _repeats_a_bigram(tokenizer, text: str) -> bool:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bigrams = list(zip(ids, ids[1:]))
+    return len(set(bigrams)) < len(bigrams)
+
+
+def test_no_repeat_ngram_decoding_breaks_greedy_loops(adapted, rows):
+    model, tokenizer = adapted
+    question = rows[0].question
+    plain = inference.generate_answers(model, tokenizer, [question], 40, 1, "t")[0]
+    blocked = inference.generate_answers(model, tokenizer, [question], 40, 1, "t", no_repeat_ngram_size=2)[0]
+    assert _repeats_a_bigram(tokenizer, plain), "the random tiny model should loop under plain greedy decoding"
+    assert not _repeats_a_bigram(tokenizer, blocked)
+
+
 def test_prompt_is_the_training_prompt(adapted):
     from trainer.data import render_pair
 
