@@ -3,16 +3,21 @@
     medretrain serve accumulator
     medretrain --set stream.batch_size=500 --set stream.metrics_port=0 serve accumulator
 
-Per batch (``stream.batch_size`` records or ``stream.batch_window_s`` seconds): validate,
-then, while the agent collects and validates the next batch, insert good records with
+faust runs the worker (lifecycle, logging, the dead-letter producer, the trigger timer); the
+events themselves are read as record batches from an aiokafka consumer of the accumulator group,
+a service of the app, because faust's per-record stream cost most of the accumulator's CPU
+(docs/benchmarks.md). Per batch (``stream.batch_size`` records or ``stream.batch_window_s``
+seconds): validate, then, while the next batch is fetched and validated, insert good records with
 ``ON CONFLICT (event_id) DO NOTHING``, dead-letter bad ones (original bytes, reason, source
-position) on ``kafka.dlq_topic``, and only then ack the batch. Only acked records have their
-offsets committed, i.e. after the database commit: a crash anywhere replays uncommitted
-records, and the unique event_id turns replays into counted duplicates. The dead-letter topic
-is at-least-once (a replay may repeat an entry; source topic/partition/offset identify it).
-Durable state lives in the database, never in faust tables. After a batch that may reach the
-threshold, and on a timer (cooldowns expire while the stream is idle), the trigger checks it;
-the timer also publishes requests that a broker outage left recorded but unsent.
+position) on ``kafka.dlq_topic``, and only then commit, per partition, the offset after the last
+stored record. A crash anywhere replays uncommitted records, and the unique event_id turns
+replays into counted duplicates. Before partitions are revoked, the batch being stored is
+finished and committed; a batch fetched before the revocation is dropped unwritten (whoever owns
+its partitions next reads it again). The dead-letter topic is at-least-once (a replay may repeat
+an entry; source topic/partition/offset identify it). Durable state lives in the database, never
+in faust tables. After a batch that may reach the threshold, and on a timer (cooldowns expire
+while the stream is idle), the trigger checks it; the timer also publishes requests that a broker
+outage left recorded but unsent.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import NoReturn
 
 import faust
+import mode
 import mode.loop
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from faust.app.base import BootStrategy
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -44,42 +54,84 @@ EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: a supervisor restarts the worker, which r
 
 
 def _exit_uncommitted(records: Sequence[SourceRecord]) -> NoReturn:
-    """Exit at once: the batch stays unacked, so its offsets are never committed and a restart reads it again."""
+    """Exit at once: the batch's offsets are never committed, so a restart reads it again."""
     log.critical("batch of %d records from %s failed; exiting without committing it", len(records),
                  records[0].topic if records else "?", exc_info=True)
     logging.shutdown()
     os._exit(EXIT_BATCH_FAILED)
 
 
-class BatchSink:
-    """What the agent does with each batch; plain methods so the agent body stays a three-line loop."""
+class TriggerCheck:
+    """Rows since the last snapshot, and the threshold check when they may reach it or on the timer."""
 
-    def __init__(self, settings: Settings, engine: Engine, dlq: faust.TopicT) -> None:
-        self.settings, self.engine, self.dlq = settings, engine, dlq
-        self._trigger_lock = asyncio.Lock()
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings, self.engine = settings, engine
+        self._lock = asyncio.Lock()
         self._pending = 0
         """Rows since the last snapshot: the last check's count plus what this worker stored since."""
         self._held = False
         """The last check waited on cooldown or an in-flight retrain; only the timer checks again."""
-        self._writing: asyncio.Task | None = None
-        """The previous batch, stored while the agent collects and validates the next one."""
 
-    async def submit(self, events: Sequence[faust.EventT]) -> None:
-        """Validate a batch, then store it in the background while the agent collects the next one.
+    def stored(self, new_rows: int) -> None:
+        self._pending += new_rows
+        metrics.ROWS_SINCE_SNAPSHOT.set(self._pending)
 
-        Each message gets one more reference, so the ack ``take_events`` makes once the agent body
-        returns does not release it: only ``_finish`` does, after the database commit, so no offset
-        is committed sooner. Batches are stored one at a time, in order.
+    async def after_batch(self) -> None:
+        """Check only when the threshold may be reached: a check costs several queries and a table lock.
+
+        Rows stored by other workers are counted at the next timer check.
         """
-        for event in events:
-            event.message.incref()
-        records = [record_of(event) for event in events]
+        if not self._held and self._pending >= self.settings.trigger.threshold:
+            await self.check()
+
+    async def check(self, republish: bool = False) -> None:
+        """Run the threshold check off the event loop; one at a time, and never fatal to ingestion.
+
+        ``republish`` first sends requests a broker outage left recorded but unsent; under the same
+        lock, so an emission in progress is never sent twice.
+        """
+        if self._lock.locked():
+            return
+        async with self._lock:
+            try:
+                if republish:
+                    await asyncio.to_thread(trigger.republish_pending, self.settings, self.engine)
+                decision = await asyncio.to_thread(trigger.check_threshold, self.settings, self.engine)
+            except Exception:  # S3 or broker trouble: the next batch or timer tick tries again
+                log.exception("threshold check failed; will retry")
+                return
+            self._pending = 0 if decision.action == "emitted" else decision.pending_rows
+            self._held = decision.action in ("cooldown", "coalesced")
+            metrics.ROWS_SINCE_SNAPSHOT.set(self._pending)
+
+
+class BatchSink(ConsumerRebalanceListener):
+    """Stores validated batches one at a time in the background and commits their offsets afterwards.
+
+    Also the consumer's rebalance listener: revocation waits for the batch being stored.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, dlq: faust.TopicT, consumer: AIOKafkaConsumer,
+                 checker: TriggerCheck) -> None:
+        self.settings, self.engine, self.dlq, self.consumer, self.checker = settings, engine, dlq, consumer, checker
+        self.epoch = 0
+        """Counts revocations: a batch fetched in an earlier epoch is dropped, never stored or committed."""
+        self._stored_up_to: dict[TopicPartition, int] = {}
+        """Per partition held since the last revocation, the offset after the last stored record."""
+        self._writing: asyncio.Task | None = None
+        """The previous batch, stored while the next one is fetched and validated."""
+
+    async def submit(self, records: Sequence[SourceRecord], epoch: int) -> None:
+        """Validate a batch, then store it in the background once the previous one is stored."""
         try:
             batch = split_batch(records, self.settings)
         except Exception:
             _exit_uncommitted(records)
         await self.drain()
-        self._writing = asyncio.create_task(self._finish(events, records, batch))
+        if epoch != self.epoch:
+            log.info("dropped %d records fetched before a rebalance; they are read again", len(records))
+            return
+        self._writing = asyncio.create_task(self._finish(records, batch))
 
     async def drain(self) -> None:
         """Wait for the batch being stored, if any."""
@@ -88,15 +140,36 @@ class BatchSink:
             await asyncio.shield(self._writing)
             self._writing = None
 
-    async def _finish(self, events: Sequence[faust.EventT], records: Sequence[SourceRecord], batch: Batch) -> None:
-        """Store and dead-letter one batch, then ack it; on an unexpected error, exit without acking it."""
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.epoch += 1
+        await self.drain()  # its offsets are committed while this member still holds the partitions
+        for tp in revoked:
+            self._stored_up_to.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("assigned %s", ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(assigned)) or "nothing")
+
+    async def _finish(self, records: Sequence[SourceRecord], batch: Batch) -> None:
+        """Store and dead-letter one batch, then commit it; on an unexpected error, exit without committing."""
         try:
             await self._handle(records, batch)
         except Exception:
             _exit_uncommitted(records)
-        for event in events:
-            event.ack()
-        await self.after_batch()
+        for record in records:  # in offset order within each partition
+            self._stored_up_to[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        await self._commit()
+        await self.checker.after_batch()
+
+    async def _commit(self) -> None:
+        """Commit every held partition's stored position; one refused is committed with the next batch."""
+        held = self.consumer.assignment()
+        offsets = {tp: offset for tp, offset in self._stored_up_to.items() if tp in held}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as e:  # e.g. the group rebalanced: the next owner reads from the last commit
+            log.warning("offset commit refused (%r); the stored rows stay, replays count as duplicates", e)
 
     async def _handle(self, records: Sequence[SourceRecord], batch: Batch) -> None:
         started = time.perf_counter()
@@ -105,14 +178,13 @@ class BatchSink:
         await self._dead_letter(batch.rejected + refused)
         metrics.ACCEPTED.inc(result.new)
         metrics.DUPLICATES.inc(result.duplicates)
-        self._pending += result.new
-        metrics.ROWS_SINCE_SNAPSHOT.set(self._pending)
+        self.checker.stored(result.new)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         log.debug("batch of %d: %d new, %d duplicates, %d dead-lettered", len(records), result.new,
                   result.duplicates, len(batch.rejected) + len(refused))
 
     async def _store(self, rows) -> tuple[InsertResult, list[tuple[SourceRecord, Rejection]]]:
-        """Wait out database outages: nothing is acked, so nothing is committed, until the rows are stored."""
+        """Wait out database outages: nothing is committed until the rows are stored."""
         delay = 0.5
         while True:
             try:
@@ -127,97 +199,122 @@ class BatchSink:
         for record, rejection in rejected:
             letter = dead_letter(record, rejection)
             key = f"{record.topic}:{record.partition}:{record.offset}".encode()
-            # force=True: send now instead of attaching to the source event, and await delivery below.
+            # force=True: send now (no source event to attach to), and await delivery below.
             pending.append(await self.dlq.send(key=key, value=letter.model_dump_json().encode(), force=True))
             metrics.DEAD_LETTERED.labels(rejection.category).inc()
             log.warning("dead-lettered %s:%d@%d: %s", record.topic, record.partition, record.offset, rejection.reason)
         await asyncio.gather(*pending)
 
-    async def after_batch(self) -> None:
-        """Check the threshold only when it may be reached: a check costs several queries and a table lock.
 
-        Rows stored by other workers are counted at the next timer check.
-        """
-        if not self._held and self._pending >= self.settings.trigger.threshold:
-            await self.check_trigger()
-
-    async def check_trigger(self, republish: bool = False) -> None:
-        """Run the threshold check off the event loop; one at a time, and never fatal to ingestion.
-
-        ``republish`` first sends requests a broker outage left recorded but unsent; under the same
-        lock, so an emission in progress is never sent twice.
-        """
-        if self._trigger_lock.locked():
-            return
-        async with self._trigger_lock:
-            try:
-                if republish:
-                    await asyncio.to_thread(trigger.republish_pending, self.settings, self.engine)
-                decision = await asyncio.to_thread(trigger.check_threshold, self.settings, self.engine)
-            except Exception:  # S3 or broker trouble: the next batch or timer tick tries again
-                log.exception("threshold check failed; will retry")
-                return
-            self._pending = 0 if decision.action == "emitted" else decision.pending_rows
-            self._held = decision.action in ("cooldown", "coalesced")
-            metrics.ROWS_SINCE_SNAPSHOT.set(self._pending)
+async def next_batch(consumer: AIOKafkaConsumer, size: int, window_s: float) -> list[SourceRecord]:
+    """Up to ``size`` records, or fewer once ``window_s`` has passed since the first; empty after an idle window."""
+    records: list[SourceRecord] = []
+    deadline = None
+    while len(records) < size:
+        timeout_s = window_s if deadline is None else deadline - time.monotonic()
+        if timeout_s <= 0:
+            break
+        fetched = await consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=size - len(records))
+        for partition_records in fetched.values():
+            records += [SourceRecord(r.topic, r.partition, r.offset, r.value) for r in partition_records]
+        if not records:
+            break
+        if deadline is None:
+            deadline = time.monotonic() + window_s
+    return records
 
 
-def observe_lag(app: faust.App, events: Sequence[faust.EventT]) -> None:
+def observe_lag(consumer: AIOKafkaConsumer, records: Sequence[SourceRecord]) -> None:
     """Lag from the high watermark of fetch responses and the offsets we fetched (ListOffsets is unreliable here)."""
-    last: dict[tuple[str, int], int] = {}
-    for event in events:
-        last[(event.message.topic, event.message.partition)] = event.message.offset
-    for (topic, partition), offset in last.items():
+    last = {TopicPartition(r.topic, r.partition): r.offset for r in records}
+    for tp, offset in last.items():
         try:
-            highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            highwater = consumer.highwater(tp)
         except AssertionError:  # partition revoked between fetch and now
             continue
         if highwater is not None:
-            metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset - 1))
 
 
-def record_of(event: faust.EventT) -> SourceRecord:
-    message = event.message
-    return SourceRecord(topic=message.topic, partition=message.partition, offset=message.offset, value=event.value)
+def build_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """Manual commits only; offsets from the start of the topic for a new group (never ListOffsets(LATEST))."""
+    k = settings.kafka
+    return AIOKafkaConsumer(
+        bootstrap_servers=k.bootstrap.split(","),
+        group_id=k.accumulator_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+    )
+
+
+class EventConsumer(mode.Service):
+    """The events topic into the store, batch by batch. Started after the app's producer, stopped before it."""
+
+    def __init__(self, settings: Settings, engine: Engine, dlq: faust.TopicT, checker: TriggerCheck) -> None:
+        super().__init__()
+        self.settings, self.engine, self.dlq, self.checker = settings, engine, dlq, checker
+        self._consuming: asyncio.Task | None = None
+
+    async def on_started(self) -> None:
+        consumer = build_consumer(self.settings)  # aiokafka binds to the running loop
+        sink = BatchSink(self.settings, self.engine, self.dlq, consumer, self.checker)
+        consumer.subscribe([self.settings.kafka.events_topic], listener=sink)
+        await consumer.start()
+        self._consuming = asyncio.create_task(self._consume(consumer, sink))
+        self._consuming.add_done_callback(self._crash_on_error)
+
+    async def _consume(self, consumer: AIOKafkaConsumer, sink: BatchSink) -> None:
+        batching = self.settings.stream
+        try:
+            while True:
+                epoch = sink.epoch
+                records = await next_batch(consumer, batching.batch_size, batching.batch_window_s)
+                if records:
+                    await sink.submit(records, epoch)
+                    observe_lag(consumer, records)
+        finally:  # a stopping worker still commits what it stored, so a restart does not read it again
+            await sink.drain()
+            await consumer.stop()
+
+    def _crash_on_error(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            asyncio.ensure_future(self.crash(task.exception()))
+
+    async def on_stop(self) -> None:
+        if self._consuming is not None:
+            self._consuming.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._consuming
 
 
 def build_app(settings: Settings) -> faust.App:
-    """The faust app: one agent over the events topic, one timer for the trigger."""
-    k, batching = settings.kafka, settings.stream
+    """The faust app: the event consumer as a service, the dead-letter producer, one timer for the trigger."""
+    k = settings.kafka
     datadir = settings.stack.home / "faust" / k.accumulator_group
     datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = faust.App(
-        k.accumulator_group,  # the app id is the consumer group id
+        k.accumulator_group,
         broker=[f"kafka://{host}" for host in k.bootstrap.split(",")],
         datadir=str(datadir),
         store="memory://",
         web_enabled=False,
         key_serializer="raw",
         value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=min(0.5, batching.batch_window_s),
-        broker_session_timeout=k.session_timeout_ms / 1000,
-        broker_heartbeat_interval=k.heartbeat_interval_ms / 1000,
         producer_acks=-1,
         producer_max_request_size=k.max_message_bytes * 2 + 65536,  # a dead letter carries base64 of the original
         topic_partitions=k.partitions,
     )
+    # faust's own consumer (and with it its per-record streams, tables and group) stays off.
+    app.boot_strategy = BootStrategy(app, enable_kafka_consumer=False)
     engine = make_engine(settings)
-    events = app.topic(k.events_topic, value_type=bytes, key_type=bytes)
-    sink = BatchSink(settings, engine, app.topic(k.dlq_topic, value_type=bytes, key_type=bytes))
-
-    @app.agent(events, name="accumulate")
-    async def accumulate(stream_: faust.StreamT) -> None:
-        try:
-            async for batch in stream_.take_events(batching.batch_size, within=batching.batch_window_s):
-                await sink.submit(batch)
-                observe_lag(app, batch)
-        finally:  # a stopping worker still acks what it stored, so a restart does not read it again
-            await sink.drain()
+    checker = TriggerCheck(settings, engine)
+    app.service(EventConsumer(settings, engine, app.topic(k.dlq_topic, value_type=bytes, key_type=bytes), checker))
 
     @app.timer(interval=TRIGGER_RECHECK_S)
     async def recheck() -> None:
-        await sink.check_trigger(republish=True)
+        await checker.check(republish=True)
 
     return app
 
@@ -230,9 +327,7 @@ def run(settings: Settings, loglevel: str = "info") -> None:
     create_schema(engine)
     engine.dispose()
     metrics.serve_metrics(settings.stream.metrics_port, settings.stack.host)
-    # faust spends several asyncio tasks and futures on every record; uvloop's loop in C cuts the
-    # accumulator's CPU per event by about a fifth (docs/benchmarks.md). Set before any loop exists.
-    mode.loop.use("uvloop")
+    mode.loop.use("uvloop")  # set before any loop exists
     app = build_app(settings)
     log.info("accumulator: %s -> %s (group %s)", settings.kafka.events_topic, settings.database.url.split("@")[-1],
              settings.kafka.accumulator_group)

@@ -1,30 +1,34 @@
-"""The accumulator's batch sink without a broker: a batch is acked only after its rows are committed (SQLite)."""
+"""The accumulator's batch sink without a broker: offsets are committed only after the rows are (SQLite)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-from faust.types.tuples import Message
+from aiokafka import TopicPartition
 from sqlalchemy import func, select
 from stream_events import build_event
 
 from services import accumulator
-from services.accumulator import BatchSink
-from services.ingest import store_batch
+from services.accumulator import BatchSink, TriggerCheck
+from services.ingest import SourceRecord, store_batch
 from services.store import QAEventRow
 
+P0, P1 = TopicPartition("qa.events", 0), TopicPartition("qa.events", 1)
 
-class DeliveredEvent:
-    """A faust event as ``take_events`` hands it over: its message holds the one reference of its stream."""
 
-    def __init__(self, offset: int, value: bytes) -> None:
-        self.value = value
-        self.message = Message("qa.events", 0, offset, 0.0, 0, None, None, value, None)
-        self.message.incref()
+class GroupConsumer:
+    """What the sink uses of an aiokafka consumer: the partitions it holds, and commits."""
 
-    def ack(self) -> bool:
-        return self.message.ack(consumer=None)
+    def __init__(self, held: set[TopicPartition]) -> None:
+        self.held = held
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
 
 
 class DeadLetterTopic:
@@ -38,12 +42,21 @@ class DeadLetterTopic:
         return delivered
 
 
+def _record(partition: int, offset: int, value: bytes | None = None) -> SourceRecord:
+    return SourceRecord("qa.events", partition, offset, value or build_event(offset).model_dump_json().encode())
+
+
 def _stored(engine) -> int:
     with engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(QAEventRow)).scalar_one()
 
 
-def test_batch_is_acked_only_after_its_rows_are_committed(sqlite_settings, sqlite_engine, monkeypatch):
+def _sink(settings, engine, consumer: GroupConsumer) -> tuple[BatchSink, DeadLetterTopic]:
+    dlq = DeadLetterTopic()
+    return BatchSink(settings, engine, dlq, consumer, TriggerCheck(settings, engine)), dlq
+
+
+def test_offsets_are_committed_only_after_the_rows(sqlite_settings, sqlite_engine, monkeypatch):
     started, commit = threading.Event(), threading.Event()
     calls: list[int] = []
 
@@ -55,21 +68,18 @@ def test_batch_is_acked_only_after_its_rows_are_committed(sqlite_settings, sqlit
         return store_batch(engine, rows)
 
     monkeypatch.setattr(accumulator, "store_batch", store_when_allowed)
-    dlq = DeadLetterTopic()
-    sink = BatchSink(sqlite_settings, sqlite_engine, dlq)
-    first = [DeliveredEvent(i, build_event(i).model_dump_json().encode()) for i in range(3)]
-    first.append(DeliveredEvent(3, b"{not json"))
-    second = [DeliveredEvent(4, build_event(4).model_dump_json().encode())]
+    consumer = GroupConsumer({P0, P1})
+    sink, dlq = _sink(sqlite_settings, sqlite_engine, consumer)
+    first = [_record(0, 0), _record(1, 0), _record(0, 1), _record(0, 2, b"{not json")]
+    second = [_record(1, 1)]
 
     async def scenario() -> None:
-        await sink.submit(first)
-        for event in first:  # what take_events does as soon as the agent body returns
-            event.ack()
-        next_batch = asyncio.create_task(sink.submit(second))
+        await sink.submit(first, sink.epoch)
+        next_batch = asyncio.create_task(sink.submit(second, sink.epoch))
         assert await asyncio.to_thread(started.wait, 60)
         await asyncio.sleep(0)  # the next batch runs up to its wait for the write
         assert calls == [3] and not next_batch.done(), "the next batch waits for the one being stored"
-        assert not any(event.message.acked for event in first), "acked before the database commit"
+        assert consumer.commits == [], "committed before the database commit"
         assert _stored(sqlite_engine) == 0 and dlq.sent == []
         commit.set()
         await next_batch
@@ -77,6 +87,24 @@ def test_batch_is_acked_only_after_its_rows_are_committed(sqlite_settings, sqlit
 
     asyncio.run(scenario())
     assert calls == [3, 1] and _stored(sqlite_engine) == 4
-    assert dlq.sent == [b"qa.events:0:3"]
-    assert all(event.message.acked for event in first)
-    assert not second[0].message.acked, "the stream's own reference is still held until take_events acks it"
+    assert dlq.sent == [b"qa.events:0:2"]
+    assert consumer.commits == [{P0: 3, P1: 1}, {P0: 3, P1: 2}], "per partition, the offset after the last stored"
+
+
+def test_revocation_finishes_the_write_and_drops_a_batch_fetched_before_it(sqlite_settings, sqlite_engine):
+    consumer = GroupConsumer({P0, P1})
+    sink, _ = _sink(sqlite_settings, sqlite_engine, consumer)
+
+    async def scenario() -> None:
+        await sink.submit([_record(0, 0), _record(1, 0)], sink.epoch)
+        fetched_in = sink.epoch
+        await sink.on_partitions_revoked({P0, P1})  # the assignment still holds both until the rebalance is done
+        assert consumer.commits == [{P0: 1, P1: 1}], "the batch in flight is committed before the partitions go"
+        consumer.held = {P0}
+        await sink.submit([_record(0, 1), _record(1, 1)], fetched_in)
+        await sink.submit([_record(0, 1)], sink.epoch)
+        await sink.drain()
+
+    asyncio.run(scenario())
+    assert _stored(sqlite_engine) == 3, "the batch fetched before the revocation was dropped unwritten"
+    assert consumer.commits[1:] == [{P0: 2}], "only held partitions, and none forgotten at revocation"
