@@ -49,15 +49,12 @@ def render_pair(tokenizer, question: str, answer: str) -> tuple[str, str]:
     return prompt, full[len(prompt) :]
 
 
-def encode_pair(tokenizer, pair: QAPair, max_length: int) -> Example:
-    """Tokenize prompt and completion separately (as at inference) and mask the prompt in the labels.
+def _truncated(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> Example:
+    """Prompt ids + answer ids with the prompt masked in the labels, cut to ``max_length``.
 
     Too long: the prompt keeps its last tokens (the question end and the assistant header) within
     half the budget, and the answer is cut at the end.
     """
-    prompt, completion = render_pair(tokenizer, pair.question, pair.answer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + len(answer_ids) > max_length:
         prompt_ids = prompt_ids[-max(max_length // 2, max_length - len(answer_ids)) :]
         answer_ids = answer_ids[: max_length - len(prompt_ids)]
@@ -65,8 +62,23 @@ def encode_pair(tokenizer, pair: QAPair, max_length: int) -> Example:
 
 
 def encode_rows(tokenizer, rows: Sequence[QAPair], max_length: int) -> list[tuple[int, Example]]:
-    """(row id, example) in order; the row id (position in ``rows``) travels with the batch for lineage."""
-    return [(i, encode_pair(tokenizer, row, max_length)) for i, row in enumerate(rows)]
+    """(row id, example) in order; the row id (position in ``rows``) travels with the batch for lineage.
+
+    Prompts and completions are tokenized separately (as at inference), each list in one call:
+    pair by pair, per-call overhead doubled the time (11k MedQuAD pairs: 42 s against 18-22 s
+    on 2 cores), and the fast tokenizer may use several threads on a batch.
+    """
+    rendered = [render_pair(tokenizer, row.question, row.answer) for row in rows]
+    if not rendered:
+        return []
+    prompts = tokenizer([prompt for prompt, _ in rendered], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([completion for _, completion in rendered], add_special_tokens=False)["input_ids"]
+    return [(i, _truncated(p, a, max_length)) for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
+
+
+def encode_pair(tokenizer, pair: QAPair, max_length: int) -> Example:
+    """One pair, tokenized and masked exactly as in :func:`encode_rows`."""
+    return encode_rows(tokenizer, [pair], max_length)[0][1]
 
 
 def collate(items: Sequence[tuple[int, Example]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -46,13 +47,14 @@ def pack_examples(examples: Sequence[Example], row_len: int, pad_id: int) -> lis
         raise ValueError(f"row_len must be >= 2, got {row_len}")
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     bins: list[list[int]] = []
-    free: list[int] = []
+    free = np.zeros(len(examples), dtype=np.int64)  # room left in each opened bin; at most one bin per example
     for i in order:
         size = min(len(examples[i].input_ids), row_len)
-        slot = next((b for b, room in enumerate(free) if room >= size), None)
+        fits = free[: len(bins)] >= size
+        slot = int(fits.argmax()) if fits.any() else None  # the first bin with room, found in C
         if slot is None:
             bins.append([])
-            free.append(row_len)
+            free[len(bins) - 1] = row_len
             slot = len(bins) - 1
         bins[slot].append(i)
         free[slot] -= size
