@@ -187,6 +187,8 @@ class TuneSettings(_Section):
     """Trials sampled from the search space (lr, LoRA r/alpha, micro batch size)."""
     max_steps: int = Field(30, ge=1)
     """Optimizer steps per trial at most; ASHA stops weak trials earlier."""
+    micro_batches: tuple[int, ...] = Field((2, 4, 8), min_length=1)
+    """Micro batch sizes to search; one value fixes it (a throughput choice on GPUs, see docs/benchmarks.md)."""
     epochs: tuple[float, ...] = ()
     """``train.epochs`` choices to search (each trial's length then follows its epochs, not max_steps)."""
     grace_checkpoints: int = Field(1, ge=1)

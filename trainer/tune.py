@@ -30,10 +30,7 @@ log = logging.getLogger(__name__)
 METRIC, MODE = "val_loss", "min"
 
 
-MICRO_BATCHES = (2, 4, 8)
-
-
-def search_space(epochs: tuple[float, ...] = ()) -> dict[str, Any]:
+def search_space(micro_batches: tuple[int, ...], epochs: tuple[float, ...] = ()) -> dict[str, Any]:
     """lr, LoRA shape and micro batch; plus the number of epochs when ``tune.epochs`` lists choices."""
     from ray import tune
 
@@ -41,7 +38,7 @@ def search_space(epochs: tuple[float, ...] = ()) -> dict[str, Any]:
         "lr": tune.loguniform(5e-5, 2e-3),
         "lora_r": tune.choice([4, 8, 16, 32]),
         "alpha_per_r": tune.choice([1, 2]),
-        "micro_batch_size": tune.choice(list(MICRO_BATCHES)),
+        "micro_batch_size": tune.choice(list(micro_batches)),
     }
     return space | ({"epochs": tune.choice(list(epochs))} if epochs else {})
 
@@ -99,7 +96,7 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
     champion = resolve(settings, "champion")  # its base: the searched LoRA shape needs a fresh adapter
     # Tokenizing every row on the driver only pays off when some trial's length is given in epochs.
     items = count_items(settings, train_rows, champion.base_dir) if cfg.epochs or settings.train.epochs else 0
-    longest = {"epochs": max(cfg.epochs, default=None), "micro_batch_size": min(MICRO_BATCHES)}
+    longest = {"epochs": max(cfg.epochs, default=None), "micro_batch_size": min(cfg.micro_batches)}
     longest_steps = steps_from_epochs(with_overrides(settings, {"train": longest}), items).train.max_steps
     tags = {tracking.KIND_TAG: "tune", "medretrain.tune_id": tune_id}
     parent_run_id = tracking.open_run(settings, tags, run_name=tune_id)
@@ -119,7 +116,7 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
     tuner = tune.Tuner(
         # A trial only drives its TorchTrainer; its workers reserve the real CPUs/GPUs.
         tune.with_resources(tune.with_parameters(trial_func, shared=shared), {"CPU": 0.25}),
-        param_space=search_space(cfg.epochs),
+        param_space=search_space(cfg.micro_batches, cfg.epochs),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,

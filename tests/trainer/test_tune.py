@@ -12,7 +12,7 @@ from trainer import tracking
 from trainer.registry import bootstrap
 from trainer.retrain import effective_settings, steps_from_epochs
 from trainer.data import steps_for_epochs
-from trainer.tune import run_tune, trial_overrides
+from trainer.tune import run_tune, search_space, trial_overrides
 
 TINY_TRAIN = {
     "max_steps": 2, "checkpoint_every_steps": 1, "max_length": 64, "val_rows": 2, "replay_min_rows": 8,
@@ -26,6 +26,14 @@ def test_trial_overrides_map_the_search_space():
         "micro_batch_size": 4,
         "lora": {"r": 8, "alpha": 16},
     }
+
+
+def test_search_space_draws_micro_batches_from_the_setting():
+    from ray import tune
+
+    assert search_space((8,))["micro_batch_size"].categories == [8]
+    assert isinstance(search_space((2, 4), (1.0, 2.0))["epochs"], tune.search.sample.Categorical)
+    assert "epochs" not in search_space((2, 4))
 
 
 def test_epochs_become_max_steps_at_the_micro_batch():
