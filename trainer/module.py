@@ -28,6 +28,7 @@ from schemas.data import QAPair
 from schemas.settings import TrainSettings
 from trainer.data import StepBatchSampler, collate, collate_packed_items, eval_shard, training_items
 from trainer.loss import answer_loss
+from trainer.packing import IGNORE, blank_row
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ class LoraFineTune(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = answer_loss(self.model, batch, self.cfg.loss_chunk_tokens)
-        self.log("val_loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        # Weighted by answer tokens: the epoch's val_loss is the token mean, whatever the batching.
+        answer_tokens = int((batch["labels"] != IGNORE).sum())
+        self.log("val_loss", loss, sync_dist=True, batch_size=answer_tokens)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -121,6 +124,10 @@ class RankData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         shard = [self.val_items[i] for i in eval_shard(len(self.val_items), self.trainer.global_rank, self.trainer.world_size)]
+        if self.cfg.packing:
+            # Full batches only: a compiled model would recompile for a short last batch (a minute on a GPU).
+            blank = ((), blank_row(self.cfg.max_length, self.tokenizer.pad_token_id))
+            shard += [blank] * (-len(shard) % self.cfg.micro_batch_size)
         return DataLoader(shard, batch_size=self.cfg.micro_batch_size, collate_fn=self._train_collate())
 
     def state_dict(self) -> dict[str, int]:

@@ -79,6 +79,11 @@ def _fill_row(examples: Sequence[Example], members: list[int], row_len: int, pad
     return PackedRow(ids, labels, positions, real_tokens=row_len - pad, members=tuple(members))
 
 
+def blank_row(row_len: int, pad_id: int) -> PackedRow:
+    """A row of padding only: fills a short last batch to full size without adding a scored token."""
+    return _fill_row([], [], row_len, pad_id)
+
+
 def collate_packed(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
     """Stack rows into a batch; no attention_mask, so the model derives the document mask."""
     return {

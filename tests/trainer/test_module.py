@@ -109,12 +109,13 @@ def test_registry_smollm2_loss_goes_down(stack):
 def test_packed_validation_rows_have_fixed_shape_and_the_same_loss(tiny_model_dir: Path):
     """With packing, validation batches are packed rows too (no recompiles per shape) and score the same tokens."""
     model, tokenizer = load_base(tiny_model_dir)
-    packed_cfg = CFG.model_copy(update={"packing": True})
+    packed_cfg = CFG.model_copy(update={"packing": True, "micro_batch_size": 4})
     data = RankData(ROWS, ROWS[:6], tokenizer, packed_cfg)
     data.setup("fit")
     data.trainer = type("OneRank", (), {"global_rank": 0, "world_size": 1})()
+    assert len(data.val_items) % packed_cfg.micro_batch_size, "the last batch must need blank rows"
     batches = list(data.val_dataloader())
-    assert all(b["input_ids"].shape[1] == packed_cfg.max_length for b in batches)
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(packed_cfg.micro_batch_size, packed_cfg.max_length)}
     assert sum(len(b["row_ids"]) for b in batches) == 6  # every validation pair, once
     padded = collate(encode_rows(tokenizer, ROWS[:6], CFG.max_length), pad_id=tokenizer.pad_token_id)
     with torch.no_grad():  # token-weighted means over the same answer tokens (the loss is a per-batch mean)
