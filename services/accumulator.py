@@ -206,22 +206,30 @@ class BatchSink(ConsumerRebalanceListener):
         await asyncio.gather(*pending)
 
 
-async def next_batch(consumer: AIOKafkaConsumer, size: int, window_s: float) -> list[SourceRecord]:
-    """Up to ``size`` records, or fewer once ``window_s`` has passed since the first; empty after an idle window."""
+async def next_batch(consumer: AIOKafkaConsumer, sink: BatchSink, size: int,
+                     window_s: float) -> tuple[list[SourceRecord], int]:
+    """Up to ``size`` records fetched since the last revocation, and that epoch.
+
+    Fewer once ``window_s`` has passed since the first record; none after an idle window.
+    """
     records: list[SourceRecord] = []
-    deadline = None
+    epoch, deadline = sink.epoch, None
     while len(records) < size:
         timeout_s = window_s if deadline is None else deadline - time.monotonic()
         if timeout_s <= 0:
             break
         fetched = await consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=size - len(records))
+        if sink.epoch != epoch:
+            # Partitions were revoked while collecting: aiokafka returns records only once the new assignment
+            # is in place, from the committed offsets on, so what was collected before is read again.
+            records, epoch, deadline = [], sink.epoch, None
         for partition_records in fetched.values():
             records += [SourceRecord(r.topic, r.partition, r.offset, r.value) for r in partition_records]
         if not records:
             break
         if deadline is None:
             deadline = time.monotonic() + window_s
-    return records
+    return records, epoch
 
 
 def observe_lag(consumer: AIOKafkaConsumer, records: Sequence[SourceRecord]) -> None:
@@ -269,8 +277,7 @@ class EventConsumer(mode.Service):
         batching = self.settings.stream
         try:
             while True:
-                epoch = sink.epoch
-                records = await next_batch(consumer, batching.batch_size, batching.batch_window_s)
+                records, epoch = await next_batch(consumer, sink, batching.batch_size, batching.batch_window_s)
                 if records:
                     await sink.submit(records, epoch)
                     observe_lag(consumer, records)
@@ -327,7 +334,7 @@ def run(settings: Settings, loglevel: str = "info") -> None:
     create_schema(engine)
     engine.dispose()
     metrics.serve_metrics(settings.stream.metrics_port, settings.stack.host)
-    mode.loop.use("uvloop")  # set before any loop exists
+    mode.loop.use("uvloop")  # a cheaper loop for aiokafka's and faust's futures; set before any loop exists
     app = build_app(settings)
     log.info("accumulator: %s -> %s (group %s)", settings.kafka.events_topic, settings.database.url.split("@")[-1],
              settings.kafka.accumulator_group)

@@ -108,3 +108,30 @@ def test_revocation_finishes_the_write_and_drops_a_batch_fetched_before_it(sqlit
     asyncio.run(scenario())
     assert _stored(sqlite_engine) == 3, "the batch fetched before the revocation was dropped unwritten"
     assert consumer.commits[1:] == [{P0: 2}], "only held partitions, and none forgotten at revocation"
+
+
+class FetchingConsumer:
+    """``getmany`` hands out prepared fetches, one per call; the one numbered ``revoke_before`` follows a revocation."""
+
+    def __init__(self, sink: BatchSink, fetches: list[list[SourceRecord]], revoke_before: int) -> None:
+        self.sink, self.fetches, self.revoke_before, self.calls = sink, fetches, revoke_before, 0
+
+    async def getmany(self, timeout_ms: int, max_records: int):
+        if self.calls == self.revoke_before:
+            self.sink.epoch += 1  # what on_partitions_revoked does while getmany waits for the new assignment
+        self.calls += 1
+        if self.calls > len(self.fetches):  # nothing new: aiokafka waits out the timeout
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        return {(r.topic, r.partition): [r] for r in self.fetches[self.calls - 1][:max_records]}
+
+
+def test_a_batch_keeps_only_records_fetched_since_the_last_revocation(sqlite_settings, sqlite_engine):
+    sink, _ = _sink(sqlite_settings, sqlite_engine, GroupConsumer({P0, P1}))
+    before, after = [_record(0, 5), _record(1, 7)], [_record(0, 3)]
+    consumer = FetchingConsumer(sink, [before, after, [_record(1, 4)]], revoke_before=1)
+
+    records, epoch = asyncio.run(accumulator.next_batch(consumer, sink, size=3, window_s=0.2))
+
+    assert epoch == sink.epoch == 1
+    assert [(r.partition, r.offset) for r in records] == [(0, 3), (1, 4)], "what came before the revocation is read again"
