@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -90,20 +91,28 @@ def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
 
 
 def measure(model, tokenizer, sets: Sequence[EvalSet], settings: Settings, label: str) -> Measurement:
-    """Loss, perplexity and generation metrics of one model on every set."""
-    metrics: dict[str, float] = {}
-    answers: dict[str, list[str]] = {}
+    """Loss, perplexity and generation metrics of one model on every set.
+
+    Each set's loss pass and generation are separate tasks (:func:`inference.run_tasks`), loss
+    passes first: they take longest.
+    """
     ev = settings.evaluate
-    for s in sets:
-        tag = f"{label}/{s.name}"
-        scores = inference.answer_loss(model, tokenizer, s.loss_rows, settings.train.max_length, ev.batch_size, tag)
-        questions = [row.question for row in s.sample]
-        answers[s.name] = inference.generate_answers(
-            model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, tag, ev.no_repeat_ngram_size
-        )
-        scores |= scoring.score_answers(answers[s.name], [row.answer for row in s.sample])
+
+    def loss_task(s: EvalSet) -> inference.Task:
+        return partial(inference.answer_loss, model, tokenizer, s.loss_rows, settings.train.max_length,
+                       ev.batch_size, f"{label}/{s.name}")
+
+    def generation_task(s: EvalSet) -> inference.Task:
+        return partial(inference.generate_answers, model, tokenizer, [row.question for row in s.sample],
+                       ev.max_new_tokens, ev.batch_size, f"{label}/{s.name}", ev.no_repeat_ngram_size)
+
+    results = inference.run_tasks(model, [loss_task(s) for s in sets] + [generation_task(s) for s in sets])
+    losses, generated = results[: len(sets)], results[len(sets) :]
+    metrics: dict[str, float] = {}
+    for s, scores, answers in zip(sets, losses, generated, strict=True):
+        scores |= scoring.score_answers(answers, [row.answer for row in s.sample])
         metrics |= {f"{s.name}.{key}": value for key, value in scores.items()}
-    return Measurement(metrics, answers)
+    return Measurement(metrics, {s.name: answers for s, answers in zip(sets, generated, strict=True)})
 
 
 def _measure_resolved(resolved, sets: Sequence[EvalSet], settings: Settings, label: str) -> Measurement:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from eval_fixtures import save_adapter
 
 from evaluator import inference
-from evaluator.evaluate import build_eval_set
+from evaluator.evaluate import build_eval_set, measure
 from schemas.settings import Settings, with_overrides
 from trainer.data import encode_rows
 from trainer.medquad import load_medquad
@@ -89,3 +91,42 @@ def test_eval_sets_are_seeded_and_nested():
     assert other.loss_rows != first.loss_rows
     with pytest.raises(ValueError, match="empty"):
         build_eval_set("production", [], settings)
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_tasks_run_side_by_side_on_one_torch_thread_each(two_torch_threads):
+    both_started = threading.Barrier(2, timeout=10)  # broken, and the test fails, if the tasks ran one by one
+
+    def task(progress):
+        both_started.wait()
+        return torch.get_num_threads(), threading.current_thread().name
+
+    first, second = inference.run_tasks(SimpleNamespace(device=torch.device("cpu")), [task, task])
+    assert first[0] == second[0] == 1 and first[1] != second[1]
+    assert torch.get_num_threads() == 2  # restored for the caller
+
+
+def test_tasks_on_an_accelerator_run_one_by_one_in_the_caller(two_torch_threads):
+    seen = inference.run_tasks(SimpleNamespace(device=torch.device("meta")),
+                               [lambda progress: threading.current_thread()] * 2)
+    assert seen == [threading.current_thread()] * 2
+
+
+def test_measurement_side_by_side_equals_one_task_at_a_time(adapted, rows, two_torch_threads):
+    model, tokenizer = adapted
+    settings = with_overrides(Settings(), {"evaluate": {"sample_size": 3, "loss_rows": 5, "max_new_tokens": 6,
+                                                        "batch_size": 2, "no_repeat_ngram_size": 2}})
+    sets = [build_eval_set("medquad", rows, settings), build_eval_set("production", rows[1:], settings)]
+    side_by_side = measure(model, tokenizer, sets, settings, "t")
+    torch.set_num_threads(1)
+    one_by_one = measure(model, tokenizer, sets, settings, "t")
+    assert side_by_side == one_by_one
+    assert set(side_by_side.answers) == {"medquad", "production"} and any(side_by_side.answers["medquad"])
+    assert tokenizer.padding_side == "right"
