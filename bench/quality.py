@@ -14,6 +14,9 @@ Everything runs through the product, against the stack the settings name:
    the orchestrator retrains from the round-1 champion, and the gate decides with its
    forgetting guard (MedQuAD test) and the production slice.
 5. v1 is also scored on round 2's production slice, so the table has every model on both sets.
+The ``decoding`` stage (after round 1) compares greedy decoding with n-gram blocking
+(``evaluate.no_repeat_ngram_size``) on v1 and the round-1 model; every round also keeps its Ray
+job's log beside ``--out`` and where its job's time went (start-up, training, wrap-up).
 Each model is scored by the evaluator on the same rows: teacher-forced loss on every pair of a set
 (``evaluate.loss_rows`` null), greedy answers for a seeded sample. JSON goes to stdout and ``--out``.
 """
@@ -49,7 +52,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None, "batch_size": 128},
         "trigger": {"threshold": 2000, "cooldown_s": 0},
-        "tune": {"num_samples": 4, "epochs": [1, 2, 3], "max_concurrent": 1, "workers_per_trial": 1, "time_budget_s": 480},
+        # Micro batch fixed at the throughput choice: trials then reuse compiled kernels of one shape.
+        "tune": {"num_samples": 5, "micro_batches": [8], "epochs": [1, 2, 3], "max_concurrent": 1, "workers_per_trial": 1,
+                 "time_budget_s": 450},
     },
     # The same flow in minutes on two CPU cores with a tiny model: checks the plumbing, not quality.
     "cpu-smoke": {
@@ -68,7 +73,9 @@ PRODUCTION_EVENTS = {"gpu": 2539, "cpu-smoke": 50}
 """The whole production split on GPU (threshold 2000 fires once)."""
 
 
-STAGES = ("bootstrap", "tune", "round1", "round2", "base_on_production")
+STAGES = ("bootstrap", "tune", "round1", "decoding", "round2", "base_on_production")
+NGRAM_BLOCKING = (0, 3, 4, 6)
+"""``evaluate.no_repeat_ngram_size`` values the decoding stage compares (0 = plain greedy)."""
 
 
 class Results:
@@ -95,7 +102,27 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=2, default=str))
 
 
-def retrain_round(settings: Settings, start, timeout_s: float) -> dict[str, Any]:
+def job_time(settings: Settings, ray_job_id: str, run_id: str, log_path: Path) -> dict[str, float]:
+    """Where the Ray job's time went, from Ray and the run's step metrics; its log is saved to ``log_path``."""
+    from ray.job_submission import JobSubmissionClient
+
+    from services.timeline import training_window
+    from trainer.tracking import client
+
+    jobs = JobSubmissionClient(settings.ray.address)
+    log_path.write_text(jobs.get_job_logs(ray_job_id))
+    job = jobs.get_job_info(ray_job_id)
+    first_step, last_step, steps = training_window(client(settings), run_id)
+    return {
+        "job_s": (job.end_time - job.start_time) / 1000,
+        "before_first_step_s": first_step - job.start_time / 1000,
+        "training_s": last_step - first_step,
+        "after_last_step_s": job.end_time / 1000 - last_step,
+        "steps": steps,
+    }
+
+
+def retrain_round(settings: Settings, start, timeout_s: float, log_path: Path) -> dict[str, Any]:
     """Wait for the retrain that ``start()`` sets off to reach a final phase: phases, verdict, training figures."""
     from evaluator.evaluate import read_decision
     from schemas.events import utcnow
@@ -116,6 +143,7 @@ def retrain_round(settings: Settings, start, timeout_s: float) -> dict[str, Any]
         "version": final.model_version,
         "phases": {phase: event.at.isoformat() for phase, event in seen.items()},
         "training_s": (seen["succeeded"].at - seen["started"].at).total_seconds(),
+        "job_time": job_time(settings, seen["started"].ray_job_id, final.run_id, log_path),
         "evaluation_s": (final.at - seen["succeeded"].at).total_seconds(),
         "training_metrics": latest_metrics(settings, final.run_id),
         "verdict": verdict.model_dump(mode="json"),
@@ -142,6 +170,30 @@ def promote_without_production_slice(settings: Settings, round_: dict[str, Any])
     return reason
 
 
+def decoding(settings: Settings, versions: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Generation metrics on the MedQuAD sample per version and n-gram blocking (the loss does not depend on it)."""
+    import torch
+
+    from evaluator import inference, scoring
+    from evaluator.evaluate import medquad_set
+    from trainer.registry import load_resolved, resolve
+
+    sample = medquad_set(settings).sample
+    ev, out = settings.evaluate, {}
+    for version in versions:
+        model, tokenizer = load_resolved(resolve(settings, version), torch.float32)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        questions, references = [r.question for r in sample], [r.answer for r in sample]
+        out[f"v{version}"] = {
+            f"no_repeat_{n}": scoring.score_answers(
+                inference.generate_answers(model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, f"v{version}", n),
+                references,
+            )
+            for n in NGRAM_BLOCKING
+        }
+    return out
+
+
 def production_set(settings: Settings, run_id: str):
     """The production set a run's gate used: its snapshot's evaluation slice, in the gate's seeded order."""
     from evaluator.evaluate import build_eval_set, candidate_from_run
@@ -165,6 +217,7 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
     from trainer.tune import run_tune
 
     tuned = settings.stack.home / "tuned" / "quality_best_train.json"
+    logs = results.path.parent
     tune_settings = with_overrides(settings, {"train": {**TUNE_TRAIN[profile], **REPLAY_ALL}})
     if "tune" not in skip:
         settings = with_overrides(settings, {"train": {"tuned_config": str(tuned)}})
@@ -175,13 +228,13 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
         start_services(settings)
         overrides = {"train": REPLAY_ALL}
         emit = lambda: emit_manual(settings, "quality round 1: MedQuAD train split", overrides, "bench", engine)  # noqa: E731
-        outcome = retrain_round(settings, emit, timeout_s)
+        outcome = retrain_round(settings, emit, timeout_s, logs / "round1.job.log")
         return outcome | {"forced_promotion": promote_without_production_slice(settings, outcome)}
 
     def round2() -> dict[str, Any]:
         start_services(settings)
         events = unseen_events(settings, PRODUCTION_EVENTS[profile], seed=10)
-        return retrain_round(settings, lambda: publisher.publish(settings, events), timeout_s)
+        return retrain_round(settings, lambda: publisher.publish(settings, events), timeout_s, logs / "round2.job.log")
 
     def base_on_production() -> dict[str, float]:
         production = production_set(settings, results.data["round2"]["run_id"])
@@ -191,6 +244,7 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
         "bootstrap": lambda: bootstrap(settings, from_path=base_model),
         "tune": lambda: run_tune(tune_settings, None, tuned),  # its "train" is what the tuned config file holds
         "round1": round1,
+        "decoding": lambda: decoding(settings, ["1", results.data["round1"]["version"]]),
         "round2": round2,
         "base_on_production": base_on_production,
     }

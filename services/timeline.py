@@ -56,7 +56,7 @@ def _trigger_points(settings: Settings, request_id: str) -> tuple[float, float, 
     return tuple(as_utc(t).timestamp() for t in (crossing, snapshot.created_at, request.published_at))
 
 
-def _training_window(client, run_id: str) -> tuple[float, float, int]:
+def training_window(client, run_id: str) -> tuple[float, float, int]:
     """(first step began, last step or validation ended, steps) from the run's per-step metrics."""
     steps = sorted(client.get_metric_history(run_id, "step"), key=lambda m: m.timestamp)
     first_step = min(client.get_metric_history(run_id, "time_per_iter"), key=lambda m: m.timestamp)
@@ -75,7 +75,7 @@ def retrain_timeline(settings: Settings, request_id: str, started: RetrainStatus
     job = JobSubmissionClient(settings.ray.address).get_job_info(started.ray_job_id)
     client = mlflow_client(settings)
     run = client.get_run(final.run_id)
-    train_from, train_to, steps = _training_window(client, final.run_id)
+    train_from, train_to, steps = training_window(client, final.run_id)
     decided = datetime.fromisoformat(run.data.tags[f"{RUN_TAG_PREFIX}.decided_at"]).timestamp()
     gate = [run.data.metrics.get(f"eval.seconds.{step}", 0.0) for step in GATE_STEPS]
     points = [
