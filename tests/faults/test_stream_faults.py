@@ -62,11 +62,6 @@ def _drain_and_check(env, accumulator, log, sent: list[str]) -> None:
     assert set(ids) == set(sent), f"{len(set(sent) - set(ids))} events lost"
 
 
-# Known open problem: after the broker comes back, the accumulator's faust/aiokafka consumer sometimes stops
-# fetching without a log line (1 run in 4 before the ingest changes of issue 4, 3 in 6 after). Nothing is lost
-# in those runs (offsets are committed only after the database commit), but the process does not recover
-# by itself. Kept visible as a non-strict xfail so it reports XPASS/XFAIL instead of failing CI at random.
-@pytest.mark.xfail(strict=False, reason="accumulator consumer may stall after a broker restart (open problem)")
 def test_broker_restart_mid_stream_loses_nothing(stack, stream_env, tmp_path):
     from deploy import stack as embedded
 
