@@ -121,10 +121,11 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
             metric=METRIC,
             mode=MODE,
             num_samples=cfg.num_samples,
-            max_concurrent_trials=cfg.max_concurrent,
             time_budget_s=cfg.time_budget_s,
             scheduler=tune.schedulers.ASHAScheduler(max_t=reports, grace_period=min(cfg.grace_checkpoints, reports)),
-            search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed),
+            # The limit goes here: Tune ignores max_concurrent_trials beside a generator instance (all trials
+            # then started at once and waited for the one GPU until their worker groups timed out).
+            search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent),
         ),
         run_config=tune.RunConfig(
             name=tune_id, storage_path=f"{settings.s3.checkpoints_bucket}/tune", storage_filesystem=pyarrow_s3(settings)
