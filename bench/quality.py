@@ -48,7 +48,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train": {
             "use_gpu": True, "num_workers": 1, "cpus_per_worker": 4, "precision": "bf16-true", "packing": True,
             "attn_implementation": "flex_attention", "compile": True, "max_length": 2048, "micro_batch_size": 8,
-            "epochs": 1, "warmup_steps": 20, "checkpoint_every_steps": 100, "val_rows": 128,
+            "epochs": 2, "warmup_steps": 20, "checkpoint_every_steps": 100, "val_rows": 128,
         },
         "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None, "batch_size": 128},
         "trigger": {"threshold": 2000, "cooldown_s": 0},
