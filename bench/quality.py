@@ -179,11 +179,11 @@ def decoding(settings: Settings, versions: list[str]) -> dict[str, dict[str, dic
     from trainer.registry import load_resolved, resolve
 
     sample = medquad_set(settings).sample
+    questions, references = [r.question for r in sample], [r.answer for r in sample]
     ev, out = settings.evaluate, {}
     for version in versions:
         model, tokenizer = load_resolved(resolve(settings, version), torch.float32)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-        questions, references = [r.question for r in sample], [r.answer for r in sample]
         out[f"v{version}"] = {
             f"no_repeat_{n}": scoring.score_answers(
                 inference.generate_answers(model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, f"v{version}", n),
