@@ -269,8 +269,8 @@ def main() -> None:
     parser.add_argument("--base-model", type=Path, help="local HF checkpoint for v1 (default: the shipped SmolLM2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds each round may take")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run now")
-    parser.add_argument("--skip", action="append", default=[], choices=["tune"],
-                        help="without tune, the rounds train with the profile's own settings")  # fmt: skip
+    parser.add_argument("--skip", action="append", default=[], choices=["tune", "decoding"],
+                        help="without tune, the rounds train with the profile's own settings and the shipped defaults")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json",
                         help="results; stages already in it are skipped")  # fmt: skip
     args = parser.parse_args()
