@@ -28,6 +28,10 @@ class ServiceError(RuntimeError):
     """A service failed to start or stop; the message names it and quotes its log."""
 
 
+class ExitedDuringStart(ServiceError):
+    """The service's process ended before it became healthy."""
+
+
 @dataclass(frozen=True)
 class Launch:
     """How to start one service."""
@@ -123,7 +127,7 @@ def wait_healthy(home: Path, name: str, pid: int, healthy: Callable[[], bool], t
         if healthy():
             return
         if running_pid(home, name) != pid:
-            raise ServiceError(_failure(home, name, "exited during start-up"))
+            raise ExitedDuringStart(_failure(home, name, "exited during start-up"))
         time.sleep(0.5)
     raise ServiceError(_failure(home, name, f"not healthy after {timeout_s:.0f} s"))
 

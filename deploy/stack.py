@@ -65,18 +65,34 @@ def _start(settings: Settings, service: Service) -> bool:
                 f"service {name!r}: {service.url(settings)} is already served by a process this stack did not "
                 f"start (no pid file under {home / 'run'}); stop it or configure other ports"
             )
-        try:
-            launch = service.launch(settings)
-        except (RuntimeError, OSError, ValueError) as e:
-            raise ServiceError(f"service {name!r} cannot start: {e}") from e
-        pid = process.spawn(home, name, launch)
-    process.wait_healthy(home, name, pid, lambda: service.healthy(settings), timeout)
+        _launch(settings, service, timeout)
+    else:
+        process.wait_healthy(home, name, pid, lambda: service.healthy(settings), timeout)
     try:
         service.ensure(settings)
     except Exception as e:
         logs = process.log_path(home, name)
         raise ServiceError(f"service {name!r} is up but its set-up failed: {e}; log {logs}") from e
     return started
+
+
+def _launch(settings: Settings, service: Service, timeout_s: float) -> None:
+    """Spawn the service and wait until healthy, launching it again if it dies first (``start_attempts``)."""
+    home, name = settings.stack.home, service.name
+    try:
+        launch = service.launch(settings)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ServiceError(f"service {name!r} cannot start: {e}") from e
+    for attempt in range(1, service.start_attempts + 1):
+        pid = process.spawn(home, name, launch)
+        try:
+            process.wait_healthy(home, name, pid, lambda: service.healthy(settings), timeout_s)
+            return
+        except process.ExitedDuringStart as e:
+            if attempt == service.start_attempts:
+                raise
+            log.warning("%s (attempt %d of %d); starting it again", str(e).splitlines()[0].rstrip(":"), attempt,
+                        service.start_attempts)
 
 
 def up(settings: Settings, progress: Progress = log.info) -> list[str]:

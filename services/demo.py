@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,13 +62,21 @@ def start_services(settings: Settings) -> None:
 
 
 def status_consumer(settings: Settings):
-    """Reads ``retrain.status`` from the beginning with a fresh group (the demo only looks)."""
-    from kafka import KafkaConsumer
+    """Reads every partition of ``retrain.status`` from the beginning, outside any group: the demo only looks.
 
-    return KafkaConsumer(settings.kafka.status_topic, bootstrap_servers=settings.kafka.bootstrap,
-                         group_id=f"medretrain-demo-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
-                         session_timeout_ms=settings.kafka.session_timeout_ms,
-                         heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms)
+    No group means no membership to lose during a long wait and no join delay.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False)
+    topic = settings.kafka.status_topic
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not partitions:
+        consumer.close()
+        raise RuntimeError(f"topic {topic!r} not found on {settings.kafka.bootstrap}; is the stack up?")
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    return consumer
 
 
 def wait_for_final(settings: Settings, since: datetime, timeout_s: float,

@@ -32,6 +32,8 @@ class Service:
     """Idempotent set-up once healthy (buckets, topics); runs on every ``stack up``."""
     timeout_factor: float = 1.0
     """Multiplies ``stack.start_timeout_s`` for slow starters."""
+    start_attempts: int = 1
+    """Launches tried when the process exits before it is healthy (a start-up race, not a configuration error)."""
 
 
 def venv_bin(name: str) -> str:

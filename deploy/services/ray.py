@@ -58,8 +58,15 @@ def url(settings: Settings) -> str:
 
 
 def healthy(settings: Settings) -> bool:
-    """The Jobs API answers (what JobSubmissionClient talks to)."""
-    return http_ok(settings.ray.address.rstrip("/") + "/api/jobs/", timeout_s=5.0)
+    """The Jobs API answers and the head's raylet is alive.
+
+    The dashboard answers before the raylet has settled; when the dashboard agent starts slowly (a loaded
+    machine) the raylet exits after a fixed 15 s wait for the agent's port files (ray#65983), leaving a
+    Jobs API that can run nothing. The agent's raylet check (KubeRay's readiness probe) rules that out.
+    """
+    raylet = f"http://{settings.stack.host}:{settings.ray.dashboard_agent_port}/api/local_raylet_healthz"
+    return http_ok(settings.ray.address.rstrip("/") + "/api/jobs/", timeout_s=5.0) and http_ok(raylet, timeout_s=5.0)
 
 
-SERVICE = Service(name="ray", url=url, launch=launch, healthy=healthy, timeout_factor=1.5)
+# A raylet lost to that race takes `ray start --block` down with it: launch again (warm caches start faster).
+SERVICE = Service(name="ray", url=url, launch=launch, healthy=healthy, timeout_factor=1.5, start_attempts=3)

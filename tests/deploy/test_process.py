@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -49,3 +50,29 @@ def test_service_env_drops_caller_settings(monkeypatch: pytest.MonkeyPatch, tmp_
     import psutil
 
     assert psutil.Process(pid).wait(timeout=30) == 0
+
+
+def test_service_that_dies_during_start_up_is_launched_again(tmp_path: Path) -> None:
+    """A start-up race (Ray's raylet, ray#65983) gets ``start_attempts`` launches; a configuration error still fails."""
+    from deploy import stack
+    from deploy.services import Service
+    from schemas.settings import load_settings, with_overrides
+
+    settings = with_overrides(load_settings(), {"stack": {"home": str(tmp_path), "start_timeout_s": 30}})
+    tries, ready = tmp_path / "tries", tmp_path / "ready"
+    # First launch dies at once; the second one becomes healthy and stays up.
+    script = (f"import pathlib, sys, time; t = pathlib.Path({str(tries)!r}); n = len(t.read_text()) if t.exists() else 0; "
+              f"t.write_text('x' * (n + 1)); n or sys.exit(1); pathlib.Path({str(ready)!r}).touch(); time.sleep(600)")
+    flaky = Service(name="flaky", url=lambda s: "flaky://", healthy=lambda s: ready.exists(), start_attempts=2,
+                    launch=lambda s: Launch(argv=[sys.executable, "-c", script], cwd=tmp_path))
+    try:
+        assert stack._start(settings, flaky)
+        assert tries.read_text() == "xx" and process.running_pid(tmp_path, "flaky") is not None
+    finally:
+        process.stop(tmp_path, "flaky")
+
+    tries.unlink()
+    ready.unlink()
+    with pytest.raises(process.ExitedDuringStart, match="'flaky' exited during start-up"):
+        stack._start(settings, dataclasses.replace(flaky, start_attempts=1))
+    assert tries.read_text() == "x"
