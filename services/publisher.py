@@ -7,8 +7,8 @@
 Every record is validated as a ``QAEvent`` before sending; a bad line is reported with its
 number and reason and nothing is sent for it, the rest still go. A record without
 ``event_id`` gets one derived from question and answer, so publishing the same pair again
-yields a duplicate the store skips. The producer uses acks=all, retries, and idempotence
-where the broker supports it (kafka-python's default); the key is the event id.
+yields a duplicate the store skips. The producer uses acks=all and retries, without idempotence
+(see ``make_producer``); the key is the event id.
 """
 
 from __future__ import annotations
@@ -114,7 +114,10 @@ def make_producer(settings: Settings, client_id: str = "medretrain-publisher", *
     """kafka-python producer that waits for every in-sync replica (acks=all) and retries."""
     from kafka import KafkaProducer
 
-    defaults = {"linger_ms": 5, "max_request_size": settings.kafka.max_message_bytes + 4096}
+    # Not idempotent: a send retried after a broker restart is appended again, never answered from the broker's
+    # sequence state. Tansu keeps that state apart from the data and lost acknowledged records that way; the
+    # store already drops a re-sent event by its id.
+    defaults = {"linger_ms": 5, "max_request_size": settings.kafka.max_message_bytes + 4096, "enable_idempotence": False}
     return KafkaProducer(bootstrap_servers=settings.kafka.bootstrap.split(","), client_id=client_id, acks="all",
                          **(defaults | config))
 
