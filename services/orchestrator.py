@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def submission_id(request_id: str, attempt: int) -> str:
-    return f"medretrain-{request_id}-a{attempt}"
+def submission_id(model: str, request_id: str, attempt: int) -> str:
+    """The Ray job of one attempt; a restarted orchestrator finds it again by this id.
+
+    Request ids follow from the data, so the registered model is part of the id: two deployments (or test
+    sessions) sharing one Ray cluster never mistake each other's jobs for their own.
+    """
+    return f"medretrain-{model}-{request_id}-a{attempt}"
 
 
 def record_request(engine: Engine, request: RetrainRequest) -> bool:
@@ -96,7 +101,7 @@ class Orchestrator:
     def submit(self, row: Row, attempt: int) -> None:
         from deploy.ray_env import runtime_env
 
-        job_id = submission_id(row.request_id, attempt)
+        job_id = submission_id(self.settings.mlflow.registered_model, row.request_id, attempt)
         # Once per request (not again when a refused submission is retried): the trigger may have stored
         # the row before this consumer saw the message.
         if attempt == 1 and row.state == "requested":

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from evaluator.promotion import alias_version, open_registry
 from schemas.events import RetrainStatus
+from services.orchestrator import submission_id
 from services.publisher import medquad_events, publish
 from services.store import RetrainRequestRow
 from services.timeline import retrain_timeline
@@ -71,7 +72,8 @@ def final_status(settings, request_id: str) -> RetrainStatus | None:
 
 def jobs_of(settings, request_id: str) -> list[str]:
     jobs = JobSubmissionClient(settings.ray.address).list_jobs()
-    return [j.submission_id for j in jobs if (j.submission_id or "").startswith(f"medretrain-{request_id}-")]
+    attempts = {submission_id(settings.mlflow.registered_model, request_id, a) for a in range(1, 10)}
+    return [j.submission_id for j in jobs if j.submission_id in attempts]
 
 
 def requests_in_store(env) -> list:
@@ -94,7 +96,7 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         done = wait_for(lambda: final_status(settings, request_id), 400, "the first retrain", every=3)
         assert done.phase == "promoted", done.detail
         assert [r.reason for r in requests_in_store(loop_env)] == ["threshold"]  # exactly one retrain
-        assert jobs_of(settings, request_id) == [f"medretrain-{request_id}-a1"]
+        assert jobs_of(settings, request_id) == [submission_id(settings.mlflow.registered_model, request_id, 1)]
         started = next(s for s in statuses(settings) if s.request_id == request_id and s.phase == "started")
         timeline = retrain_timeline(settings, request_id, started, done)
         assert sum(seconds for _, seconds in timeline.stages) == pytest.approx(timeline.total_s)
@@ -117,7 +119,8 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         orchestrator = start_service(loop_env, tmp_path / "orchestrator.log", "orchestrator")
         second = wait_for(lambda: final_status(settings, manual.request_id), 400, "the manual retrain", every=3)
         assert second.phase == "promoted", second.detail
-        assert jobs_of(settings, manual.request_id) == [f"medretrain-{manual.request_id}-a1"]  # reattached
+        reattached = submission_id(settings.mlflow.registered_model, manual.request_id, 1)
+        assert jobs_of(settings, manual.request_id) == [reattached]
         run_id = tracking.find_run(settings, tracking.REQUEST_TAG, manual.request_id, kind="retrain")
         assert tracking.run_param(settings, run_id, "max_steps") == "6"
         assert client.get_model_version(name, second.model_version).tags["lineage.parent_version"] == done.model_version

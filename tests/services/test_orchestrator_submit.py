@@ -54,6 +54,6 @@ def test_refused_submission_is_retried_with_the_same_id(tmp_path):
     orchestrator.tick()  # Ray does not know the recorded id: the same attempt is submitted again
     orchestrator.tick()  # now it runs: followed, not resubmitted
 
-    job_id = submission_id(request.request_id, 1)
+    job_id = submission_id(settings.mlflow.registered_model, request.request_id, 1)
     assert jobs.submitted == [job_id, job_id] and jobs.accepted == {job_id}
     assert producer.phases == ["requested", "started"]
