@@ -42,12 +42,16 @@ VARIANTS: dict[str, dict] = {
     "fast": FAST,
     "fast_mb16": {**FAST, "micro_batch_size": 16},
     "fast_mb24": {**FAST, "micro_batch_size": 24},
+    "fast_mb16_liger": {**FAST, "micro_batch_size": 16},
     # Same tokens per step as fast_mb16, in longer rows: fewer row ends to pad.
     "fast_len4096": {**FAST, "micro_batch_size": 8, "max_length": 4096},
     "fast_mb3": {**FAST, "micro_batch_size": 3},
     "fast_mb2": {**FAST, "micro_batch_size": 2},
     "fast_ckpt": {**FAST, "activation_checkpointing": True},
 }
+LIGER = {"fast_mb16_liger"}
+"""Variants with liger-kernel's Triton RMSNorm, SwiGLU and RoPE (``pip install liger-kernel``; the loss stays the trainer's
+chunked CE). Measured slower than inductor's own fusions: docs/benchmarks.md."""
 SMOKE = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 """``--smoke``: a tiny model on the CPU, fp32, no compile: checks the bench's code path without a GPU."""
 TINYLLAMA = {
@@ -130,6 +134,10 @@ def run_variant(name: str, args) -> dict:
     overrides = {"precision": "32-true", "compile": False, "max_length": 128, "attn_implementation": "sdpa"} if args.smoke else {}
     steps = {"max_steps": args.warmup + args.steps, "warmup_steps": 2}
     train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps})
+    if name in LIGER:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     model, matmul_params = build_model(train, args.weights, args.smoke)
     batches, epoch_tokens = build_batches(train, args.tokenizer, model.config.vocab_size, args.limit_rows)
     batches = batches[: args.warmup + args.steps]
