@@ -8,14 +8,13 @@ import pytest
 
 from schemas.events import RetrainStatus, utcnow
 from services.demo import wait_for_final
+from services.publisher import make_producer
 
 pytestmark = pytest.mark.integration
 
 
 def test_wait_follows_the_first_request_after_since_to_its_final_phase(stack) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=stack.kafka.bootstrap)
+    producer = make_producer(stack, client_id="test-demo-wait")
     older, ours = (f"rr-test-{uuid.uuid4().hex[:8]}" for _ in range(2))
 
     def send(request_id: str, phase: str) -> None:

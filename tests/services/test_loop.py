@@ -72,8 +72,8 @@ def final_status(settings, request_id: str) -> RetrainStatus | None:
 
 def jobs_of(settings, request_id: str) -> list[str]:
     jobs = JobSubmissionClient(settings.ray.address).list_jobs()
-    attempts = {submission_id(settings.mlflow.registered_model, request_id, a) for a in range(1, 10)}
-    return [j.submission_id for j in jobs if j.submission_id in attempts]
+    prefix = submission_id(settings.mlflow.registered_model, request_id, 1)[:-1]  # any attempt's id
+    return [j.submission_id for j in jobs if (j.submission_id or "").startswith(prefix)]
 
 
 def requests_in_store(env) -> list:
