@@ -42,10 +42,15 @@ VARIANTS: dict[str, dict] = {
     "fast": FAST,
     "fast_mb16": {**FAST, "micro_batch_size": 16},
     "fast_mb24": {**FAST, "micro_batch_size": 24},
+    "fast_mb16_autotune": {**FAST, "micro_batch_size": 16, "fused_lora": False, "compile_mode": "max-autotune-no-cudagraphs"},
+    # The same with peft's own LoRA layers: what fused_lora gains.
+    "fast_mb16_peft": {**FAST, "micro_batch_size": 16, "fused_lora": False},
     "fast_mb16_liger": {**FAST, "micro_batch_size": 16},
     # Same tokens per step as fast_mb16, in longer rows: fewer row ends to pad.
     "fast_len4096": {**FAST, "micro_batch_size": 8, "max_length": 4096},
     "fast_mb3": {**FAST, "micro_batch_size": 3},
+    "fast_mb4": {**FAST, "micro_batch_size": 4},
+    "fast_mb5": {**FAST, "micro_batch_size": 5},
     "fast_mb2": {**FAST, "micro_batch_size": 2},
     "fast_ckpt": {**FAST, "activation_checkpointing": True},
 }

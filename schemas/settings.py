@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
@@ -135,6 +135,10 @@ class LoraSettings(_Section):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+FLEX_BLOCK = 128
+"""flex_attention's block size: packed rows for it are multiples of this."""
+
+
 class TrainSettings(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -156,8 +160,12 @@ class TrainSettings(_Section):
     """flex_attention turns packed rows' document mask into a block mask that skips cross-pair blocks."""
     compile: bool = False
     """torch.compile the decoder (GPU fast path; compile time dwarfs short CPU runs)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """max-autotune times Triton GEMM templates (which can absorb neighbouring elementwise ops) against cuBLAS."""
     activation_checkpointing: bool = False
     """Recompute decoder activations in backward: less memory, ~30% more compute."""
+    fused_lora: bool = False
+    """One GEMM per shared input for the frozen projections and their LoRA A (q/k/v, gate/up; LLaMA blocks, lora.dropout 0)."""
     loss_chunk_tokens: int = Field(4096, ge=16)
     """Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."""
     replay_ratio: float = Field(1.0, ge=0)
@@ -181,6 +189,18 @@ class TrainSettings(_Section):
     """JSON of train overrides written by ``medretrain tune``; applied before a request's own overrides."""
     fault_at_step: int | None = Field(None, ge=1)
     """Chaos testing: global rank 1 raises at this step when its attempt started without a checkpoint."""
+
+    @model_validator(mode="after")
+    def _fast_path_consistent(self) -> TrainSettings:
+        problems = []
+        if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
+            # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
+            problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
+        if self.fused_lora and self.lora.dropout:
+            problems.append(f"fused_lora needs lora.dropout=0 (got {self.lora.dropout}): dropout feeds A its own copy of the input")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TuneSettings(_Section):
