@@ -164,8 +164,6 @@ class TrainSettings(_Section):
     """max-autotune times Triton GEMM templates (which can absorb neighbouring elementwise ops) against cuBLAS."""
     activation_checkpointing: bool = False
     """Recompute decoder activations in backward: less memory, ~30% more compute."""
-    fused_lora: bool = False
-    """One GEMM per shared input for the frozen projections and their LoRA A (q/k/v, gate/up; LLaMA blocks, lora.dropout 0)."""
     loss_chunk_tokens: int = Field(4096, ge=16)
     """Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."""
     replay_ratio: float = Field(1.0, ge=0)
@@ -191,15 +189,10 @@ class TrainSettings(_Section):
     """Chaos testing: global rank 1 raises at this step when its attempt started without a checkpoint."""
 
     @model_validator(mode="after")
-    def _fast_path_consistent(self) -> TrainSettings:
-        problems = []
+    def _flex_rows_whole_blocks(self) -> TrainSettings:
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
-            problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
-        if self.fused_lora and self.lora.dropout:
-            problems.append(f"fused_lora needs lora.dropout=0 (got {self.lora.dropout}): dropout feeds A its own copy of the input")
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
         return self
 
 

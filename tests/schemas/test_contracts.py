@@ -47,6 +47,13 @@ def test_settings_overrides_are_validated_all_at_once():
         parse_overrides(["nonsense"])
 
 
+def test_packed_flex_rows_must_be_whole_blocks():
+    fast = ["train.packing=true", "train.attn_implementation=flex_attention"]
+    assert load_settings([*fast, "train.max_length=2048"]).train.max_length == 2048
+    with pytest.raises(ValueError, match="whole 128-token blocks"):
+        load_settings([*fast, "train.max_length=200"])
+
+
 def test_exported_json_schemas_are_current():
     assert {p.name: p.read_text() for p in OUT.glob("*.json")} == rendered()
     check = subprocess.run([sys.executable, "-m", "schemas.export", "--check"], capture_output=True, text=True)
