@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict] = {
     "fast_mb24": {**FAST, "micro_batch_size": 24},
     # Triton GEMM templates and kernel configs tuned at compile time: ~7 min of autotuning first.
     "fast_mb16_autotune": {**FAST, "micro_batch_size": 16, "compile_mode": "max-autotune-no-cudagraphs"},
+    "fast_mb24_autotune": {**FAST, "micro_batch_size": 24, "compile_mode": "max-autotune-no-cudagraphs"},
     "fast_mb16_liger": {**FAST, "micro_batch_size": 16},
     # Same tokens per step as fast_mb16, in longer rows: fewer row ends to pad.
     "fast_len4096": {**FAST, "micro_batch_size": 8, "max_length": 4096},
