@@ -80,6 +80,9 @@ def chunked_answer_loss(
 
     ``hidden`` is [batch, seq, dim]; position t predicts ``labels[:, t + 1]``.
     """
+    if not torch.is_grad_enabled():
+        # The function takes gradients for inputs that require them; under no_grad nothing will use them.
+        head_weight = head_weight.detach()
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     scored = (targets != IGNORE).nonzero().squeeze(1)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
