@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict] = {
     "fast_mb5": {**FAST, "micro_batch_size": 5},
     "fast_mb2": {**FAST, "micro_batch_size": 2},
     "fast_ckpt": {**FAST, "activation_checkpointing": True},
+    # FlashAttention-2 per pair (torch.nn.attention.varlen) in place of flex_attention's block mask.
+    "varlen_mb16": {**FAST, "micro_batch_size": 16, "attn_implementation": "varlen"},
+    "varlen_mb24": {**FAST, "micro_batch_size": 24, "attn_implementation": "varlen"},
 }
 LIGER = {"fast_mb16_liger"}
 """Variants with liger-kernel's Triton RMSNorm, SwiGLU and RoPE (``pip install liger-kernel``; the loss stays the trainer's
@@ -135,8 +138,10 @@ def run_variant(name: str, args) -> dict:
     from schemas.settings import TrainSettings
     from trainer.module import LoraFineTune
 
-    # FlexAttention has no CPU backward, fp16 autocast no CPU kernels: the smoke run checks plumbing only.
-    overrides = {"precision": "32-true", "compile": False, "max_length": 128, "attn_implementation": "sdpa"} if args.smoke else {}
+    # FlexAttention has no CPU backward, fp16 autocast no CPU kernels: the smoke run checks plumbing only
+    # (varlen runs its per-pair CPU path).
+    flex = VARIANTS[name]["attn_implementation"] == "flex_attention"
+    overrides = {"precision": "32-true", "compile": False, "max_length": 128, **({"attn_implementation": "sdpa"} if flex else {})} if args.smoke else {}
     steps = {"max_steps": args.warmup + args.steps, "warmup_steps": 2}
     train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps})
     if name in LIGER:

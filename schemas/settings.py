@@ -156,8 +156,9 @@ class TrainSettings(_Section):
     """Tokens per example (or per packed row)."""
     packing: bool = False
     """Pack several QA pairs per row with document-aware attention (GPU fast path)."""
-    attn_implementation: Literal["eager", "sdpa", "flex_attention"] = "sdpa"
-    """flex_attention turns packed rows' document mask into a block mask that skips cross-pair blocks."""
+    attn_implementation: Literal["eager", "sdpa", "flex_attention", "varlen"] = "sdpa"
+    """flex_attention turns packed rows' document mask into a block mask that skips cross-pair blocks;
+    varlen (packed rows only) runs FlashAttention-2 on each pair (trainer/attention.py)."""
     compile: bool = False
     """torch.compile the decoder (GPU fast path; compile time dwarfs short CPU runs)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
@@ -189,10 +190,14 @@ class TrainSettings(_Section):
     """Chaos testing: global rank 1 raises at this step when its attempt started without a checkpoint."""
 
     @model_validator(mode="after")
-    def _flex_rows_whole_blocks(self) -> TrainSettings:
+    def _attention_fits_rows(self) -> TrainSettings:
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
             raise ValueError(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
+        if self.attn_implementation == "varlen" and not self.packing:
+            raise ValueError("attn_implementation=varlen needs packed rows (train.packing=true)")
+        if self.attn_implementation == "varlen" and self.use_gpu and self.precision == "32-true":
+            raise ValueError("attn_implementation=varlen on a GPU needs bf16 or fp16 (FlashAttention has no fp32 kernel)")
         return self
 
 

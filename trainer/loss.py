@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.attention import VARLEN
 from trainer.packing import IGNORE
 
 
@@ -26,6 +27,10 @@ def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     lm = causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    if lm.config._attn_implementation == VARLEN:
+        inputs["cu_seq_lens"] = batch["cu_seq_lens"]
+        # The pair count changes every batch: one compiled graph for all counts, not one each.
+        torch._dynamo.mark_dynamic(inputs["cu_seq_lens"], 0)
     return decoder(**inputs, use_cache=False).last_hidden_state
 
 

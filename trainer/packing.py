@@ -3,8 +3,8 @@
 Rows carry ``position_ids`` that restart at 0 for every pair and no attention mask.
 transformers (``masking_utils.find_packed_sequence_indices``) turns restarting positions
 into a document mask, so with ``attn_implementation="flex_attention"`` no token attends
-across pairs and cross-pair blocks are skipped; padding is one more "pair" whose labels
-are ignored. Packing removes the ~40% padding of length-bucketed batches on MedQuAD.
+across pairs and cross-pair blocks are skipped (``"varlen"``: trainer/attention.py); padding
+is one more "pair" whose labels are ignored. Packing removes the ~40% padding of length-bucketed batches on MedQuAD.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from trainer.attention import cu_seq_lens
 
 IGNORE = -100
 
@@ -85,11 +87,17 @@ def blank_row(row_len: int, pad_id: int) -> PackedRow:
 
 
 def collate_packed(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
-    """Stack rows into a batch; no attention_mask, so the model derives the document mask."""
+    """Stack rows into a batch; no attention_mask, so the model derives the document mask.
+
+    ``cu_seq_lens`` (pair offsets in the flattened batch) is for varlen attention; made here, in
+    the loader, so the training step needs no host sync to find the pairs.
+    """
+    position_ids = torch.tensor([r.position_ids for r in rows], dtype=torch.long)
     return {
         "input_ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long),
         "labels": torch.tensor([r.labels for r in rows], dtype=torch.long),
-        "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
+        "position_ids": position_ids,
+        "cu_seq_lens": cu_seq_lens(position_ids),
         "num_tokens": torch.tensor(sum(r.real_tokens for r in rows), dtype=torch.long),
     }
 

@@ -54,6 +54,14 @@ def test_packed_flex_rows_must_be_whole_blocks():
         load_settings([*fast, "train.max_length=200"])
 
 
+def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
+    assert load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.max_length=200"]).train.max_length == 200
+    with pytest.raises(ValueError, match="needs packed rows"):
+        load_settings(["train.attn_implementation=varlen"])
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.use_gpu=true", "train.precision=32-true"])
+
+
 def test_exported_json_schemas_are_current():
     assert {p.name: p.read_text() for p in OUT.glob("*.json")} == rendered()
     check = subprocess.run([sys.executable, "-m", "schemas.export", "--check"], capture_output=True, text=True)

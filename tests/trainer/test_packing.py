@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from trainer.attention import cu_seq_lens, varlen_attention
 from trainer.loss import answer_loss, chunked_answer_loss
 from trainer.packing import IGNORE, Example, collate_packed, pack_examples, packing_efficiency
 
@@ -77,7 +78,7 @@ def test_chunked_loss_matches_full_logits_loss():
     assert torch.allclose(total / count, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "varlen"])
 def test_packed_loss_equals_unpacked_per_pair_loss(attn):
     model = _tiny_llama(attn)
     a, b = _example(range(3, 14), 4), _example(range(20, 29), 3)
@@ -92,8 +93,9 @@ def test_packed_loss_equals_unpacked_per_pair_loss(attn):
             assert torch.allclose(packed, alone, atol=1e-5), (attn, start)
 
 
-def test_other_pair_changes_neither_loss_nor_gradients():
-    model = _tiny_llama("sdpa").train()
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_other_pair_changes_neither_loss_nor_gradients(attn):
+    model = _tiny_llama(attn).train()
     b = _example(range(20, 29), 3)
 
     def loss_and_grads(a_tokens: range) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -120,3 +122,38 @@ def test_pack_items_keeps_every_row_id_once():
     batch = collate_packed_items(packed[:2])
     assert batch["input_ids"].shape == (2, 16) and "attention_mask" not in batch
     assert sorted(batch["row_ids"].tolist()) == sorted(i for ids, _ in packed[:2] for i in ids)
+
+
+def test_cu_seq_lens_marks_every_pair_and_padding_tail_in_the_flat_batch():
+    batch = collate_packed(pack_examples([_example(range(1, 12), 2), _example(range(1, 8), 2), _example(range(1, 10), 2)], row_len=16, pad_id=0))
+    # First fit, longest first: rows [11-token pair, 5 padding] and [9-token pair, 7-token pair].
+    assert batch["cu_seq_lens"].tolist() == [0, 11, 16, 25, 32]
+    assert batch["cu_seq_lens"].dtype == torch.int32
+
+
+def _packed_qkv(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Two 256-token rows of pairs of uneven lengths, 8 query and 2 key/value heads (GQA)."""
+    torch.manual_seed(0)
+    positions = torch.cat([torch.arange(n) for n in (37, 180, 39, 5, 251)]).view(2, 256)
+    q = torch.randn(2, 8, 256, 64, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 256, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, v, cu_seq_lens(positions).to(device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a GPU")
+def test_flash_varlen_kernel_equals_per_pair_sdpa():
+    q, k, v, cu = _packed_qkv("cuda", torch.bfloat16)
+    flash, _ = varlen_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens=cu)
+    flash_grads = torch.autograd.grad(flash.float().square().sum(), (q, k, v))
+    cpu = [t.detach().float().cpu().requires_grad_() for t in (q, k, v)]
+    reference, _ = varlen_attention(None, *cpu, None, scaling=0.125, cu_seq_lens=cu.cpu())
+    reference_grads = torch.autograd.grad(reference.square().sum(), cpu)
+    assert torch.allclose(flash.float().cpu(), reference, atol=2e-2)
+    for got, want in zip(flash_grads, reference_grads, strict=True):
+        assert torch.allclose(got.float().cpu(), want, atol=5e-2 * want.abs().max().item())
+
+
+def test_varlen_attention_needs_packed_rows():
+    q, k, v, _ = _packed_qkv("cpu", torch.float32)
+    with pytest.raises(ValueError, match="packed rows"):
+        varlen_attention(None, q, k, v, None)
