@@ -163,6 +163,8 @@ class TrainSettings(_Section):
     """torch.compile the decoder (GPU fast path; compile time dwarfs short CPU runs)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """max-autotune times Triton GEMM templates (which can absorb neighbouring elementwise ops) against cuBLAS."""
+    fold_lora: bool = False
+    """LoRA's product inside the frozen GEMM, ``[x | s·xAᵀ][W | B]ᵀ`` (trainer/fold_lora.py); needs lora.dropout=0."""
     activation_checkpointing: bool = False
     """Recompute decoder activations in backward: less memory, ~30% more compute."""
     loss_chunk_tokens: int = Field(4096, ge=16)
@@ -194,6 +196,9 @@ class TrainSettings(_Section):
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
             raise ValueError(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
+        if self.fold_lora and (self.lora.dropout or self.precision.endswith("-mixed")):
+            # Dropout would need its own mask per layer; autocast does not reach a custom backward.
+            raise ValueError("fold_lora needs lora.dropout=0 and a -true precision (bf16-true, 32-true)")
         if self.attn_implementation == "varlen" and not self.packing:
             raise ValueError("attn_implementation=varlen needs packed rows (train.packing=true)")
         if self.attn_implementation == "varlen" and self.use_gpu and self.precision == "32-true":

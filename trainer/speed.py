@@ -9,13 +9,16 @@ from __future__ import annotations
 import torch
 
 from schemas.settings import TrainSettings
+from trainer.fold_lora import fold_lora
 from trainer.loss import causal_lm
 
 
 def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.nn.Module:
-    """Attention kernel, activation checkpointing and torch.compile of the decoder, as configured."""
+    """Attention kernel, folded LoRA, activation checkpointing and torch.compile of the decoder, as configured."""
     lm = causal_lm(model)
     lm.set_attn_implementation(train.attn_implementation)
+    if train.fold_lora:
+        fold_lora(model)
     if train.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.compile:

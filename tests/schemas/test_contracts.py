@@ -62,6 +62,13 @@ def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
         load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.use_gpu=true", "train.precision=32-true"])
 
 
+def test_fold_lora_needs_no_dropout_and_no_autocast():
+    assert load_settings(["train.fold_lora=true", "train.lora.dropout=0", "train.precision=bf16-true"]).train.fold_lora
+    for bad in (["train.lora.dropout=0.05"], ["train.lora.dropout=0", "train.precision=16-mixed"]):
+        with pytest.raises(ValueError, match="fold_lora needs"):
+            load_settings(["train.fold_lora=true", *bad])
+
+
 def test_exported_json_schemas_are_current():
     assert {p.name: p.read_text() for p in OUT.glob("*.json")} == rendered()
     check = subprocess.run([sys.executable, "-m", "schemas.export", "--check"], capture_output=True, text=True)

@@ -1,0 +1,76 @@
+"""Folded LoRA (one GEMM against [W | B]) computes what PEFT's two products compute, gradients included."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from schemas.settings import LoraSettings
+from trainer.fold_lora import fold_lora
+from trainer.model import attach_lora
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _adapted(dropout: float = 0.0):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = attach_lora(LlamaForCausalLM(config), LoraSettings(r=4, alpha=8, dropout=dropout, target_modules=ALL_LINEAR))
+    with torch.no_grad():  # B starts at zero; random B makes the LoRA path count in the comparison
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def _loss_and_lora_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_folded_lora_equals_peft_in_loss_and_gradients():
+    plain = _adapted()
+    folded = copy.deepcopy(plain)
+    assert fold_lora(folded) == 2 * len(ALL_LINEAR)
+    ids = torch.randint(0, 97, (2, 24))
+    loss, grads = _loss_and_lora_grads(plain, ids)
+    folded_loss, folded_grads = _loss_and_lora_grads(folded, ids)
+    assert torch.allclose(folded_loss, loss, atol=1e-6)
+    assert grads.keys() == folded_grads.keys() and len(grads) == 4 * len(ALL_LINEAR)
+    for name, grad in grads.items():
+        assert torch.allclose(folded_grads[name], grad, atol=1e-6), name
+    # Parameter names are PEFT's: the adapter saves as before.
+    assert [n for n, _ in folded.named_parameters()] == [n for n, _ in plain.named_parameters()]
+
+
+def test_fold_lora_refuses_dropout():
+    with pytest.raises(ValueError, match="without dropout"):
+        fold_lora(_adapted(dropout=0.1))
+
+
+def test_compiled_folded_layer_saves_no_joined_weight_for_backward():
+    """The joined [W | B] is rebuilt in backward; saving it would hold a second copy of every frozen weight."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from trainer.fold_lora import _FoldedLora
+
+    saved: list[tuple[int, ...]] = []
+
+    def partition(joint, inputs, **kwargs):
+        forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+        (output,) = [n for n in forward.graph.nodes if n.op == "output"]
+        saved.extend(tuple(n.meta["val"].shape) for n in output.args[0][1:] if "val" in n.meta)
+        return forward, backward
+
+    base = torch.nn.Linear(32, 64, bias=False).requires_grad_(False)
+    lora_a, lora_b = torch.randn(4, 32, requires_grad=True), torch.randn(64, 4, requires_grad=True)
+    keep = lambda graph, _: make_boxed_func(graph)  # noqa: E731 - no compiler: only the partition matters
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
+    layer = torch.compile(lambda x: _FoldedLora.apply(x, base.weight, lora_a, lora_b, 2.0), backend=backend)
+    layer(torch.randn(8, 32, requires_grad=True)).sum().backward()
+    assert (64, 32) in saved and (64, 36) not in saved, saved
