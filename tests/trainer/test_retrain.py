@@ -1,5 +1,8 @@
 """The real distributed path on CPU: Ray Train (2 gloo workers) + Lightning + S3 checkpoints + MLflow.
 
+A worker failing mid-run and resuming from its checkpoint is tests/faults/test_ray_worker_kill.py
+(a real SIGKILL); here an injected fault with no retries left fails the run, and a resubmission resumes it.
+
 Slow (a Ray run takes about a minute here): run with ``pytest tests/trainer/test_retrain.py -x -q``.
 """
 
@@ -123,14 +126,6 @@ def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
 
 
 @ray_test
-def test_worker_failure_resumes_from_the_last_checkpoint(settings):
-    adapter = run(settings, _request(train={"fault_at_step": 3}))
-    # Steps 1-3 ran, rank 1 failed after step 3; the restarted group resumed from the step-2 checkpoint.
-    assert adapter.steps == 4
-    assert _steps_logged(settings, adapter.run_id) == [1, 2, 3, 3, 4]
-
-
-@ray_test
 def test_resubmitting_an_interrupted_or_finished_request_resumes(settings):
     request = _request(train={"fault_at_step": 3, "max_failures": 0})
     with pytest.raises(Exception, match="injected fault"):
@@ -150,12 +145,21 @@ def test_resubmitting_an_interrupted_or_finished_request_resumes(settings):
 
 
 @ray_test
-def test_retrain_continues_the_champion_adapter(settings):
+def test_cli_train_then_a_retrain_continues_the_champion_adapter(settings):
     """Last in this module: it makes an adapter version the champion of the module's registered model."""
-    first = run(settings, _request())
+    from typer.testing import CliRunner
+
+    from deploy.ray_env import settings_env
+    from services.cli import build_app
+
+    result = CliRunner().invoke(build_app(), ["train", "--reason", "manual"], env=settings_env(settings))
+    assert result.exit_code == 0, result.output
+    first_run = re.search(r'"run_id": "(\w+)"', result.output).group(1)  # Ray's own log lines surround the JSON
     client, name = MlflowClient(settings.mlflow.tracking_uri), settings.mlflow.registered_model
+    assert client.get_run(first_run).data.tags[tracking.REQUEST_TAG].startswith("rr-manual-0-")
+
     tags = {"kind": "adapter", "base_version": "1", "parent_version": "1"}
-    version = client.create_model_version(name, f"runs:/{first.run_id}/adapter", first.run_id, tags=tags).version
+    version = client.create_model_version(name, f"runs:/{first_run}/adapter", first_run, tags=tags).version
     client.set_registered_model_alias(name, "champion", version)
 
     with pytest.raises(ValueError, match="champion's adapter"):
@@ -165,16 +169,3 @@ def test_retrain_continues_the_champion_adapter(settings):
     assert second.lineage.parent_version == str(version)
     assert params["adapter_init"] == f"continued v{version}" and params["lora_r"] == "4"
     assert client.get_run(second.run_id).data.tags[tracking.BASE_VERSION_TAG] == "1"
-
-
-@ray_test
-def test_cli_train_runs_an_ad_hoc_manual_request(settings):
-    from typer.testing import CliRunner
-
-    from deploy.ray_env import settings_env
-    from services.cli import build_app
-
-    result = CliRunner().invoke(build_app(), ["train", "--reason", "manual"], env=settings_env(settings))
-    assert result.exit_code == 0, result.output
-    run_id = re.search(r'"run_id": "(\w+)"', result.output).group(1)  # Ray's own log lines surround the JSON
-    assert MlflowClient(settings.mlflow.tracking_uri).get_run(run_id).data.tags[tracking.REQUEST_TAG].startswith("rr-manual-0-")

@@ -48,7 +48,7 @@ def test_epochs_become_max_steps_at_the_micro_batch():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_dir, tmp_path):
-    tune = {"num_samples": 2, "max_steps": 2, "workers_per_trial": 1, "max_concurrent": 1, "epochs": [0.5, 1]}
+    tune = {"num_samples": 2, "max_steps": 2, "workers_per_trial": 1, "max_concurrent": 2, "epochs": [0.5, 1]}
     overrides = {"mlflow": {"registered_model": f"t-tune-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN, "tune": tune}
     settings = with_overrides(stack, overrides)
     bootstrap(settings, from_path=tiny_model_dir)
