@@ -192,17 +192,20 @@ class TrainSettings(_Section):
     """Chaos testing: global rank 1 raises at this step when its attempt started without a checkpoint."""
 
     @model_validator(mode="after")
-    def _attention_fits_rows(self) -> TrainSettings:
+    def _speed_switches_fit(self) -> TrainSettings:
+        problems = []
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
-            raise ValueError(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
+            problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
+        if self.attn_implementation == "varlen" and not self.packing:
+            problems.append("attn_implementation=varlen needs packed rows (train.packing=true)")
+        if self.attn_implementation == "varlen" and self.use_gpu and self.precision == "32-true":
+            problems.append("attn_implementation=varlen on a GPU needs bf16 or fp16 (FlashAttention has no fp32 kernel)")
         if self.fold_lora and (self.lora.dropout or self.precision.endswith("-mixed")):
             # Dropout would need its own mask per layer; autocast does not reach a custom backward.
-            raise ValueError("fold_lora needs lora.dropout=0 and a -true precision (bf16-true, 32-true)")
-        if self.attn_implementation == "varlen" and not self.packing:
-            raise ValueError("attn_implementation=varlen needs packed rows (train.packing=true)")
-        if self.attn_implementation == "varlen" and self.use_gpu and self.precision == "32-true":
-            raise ValueError("attn_implementation=varlen on a GPU needs bf16 or fp16 (FlashAttention has no fp32 kernel)")
+            problems.append("fold_lora needs lora.dropout=0 and a -true precision (bf16-true, 32-true)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

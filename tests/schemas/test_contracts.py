@@ -60,6 +60,8 @@ def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
         load_settings(["train.attn_implementation=varlen"])
     with pytest.raises(ValueError, match="bf16 or fp16"):
         load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.use_gpu=true", "train.precision=32-true"])
+    with pytest.raises(ValueError, match="needs packed rows.*fold_lora needs"):  # every problem at once
+        load_settings(["train.attn_implementation=varlen", "train.fold_lora=true"])
 
 
 def test_fold_lora_needs_no_dropout_and_no_autocast():
