@@ -51,8 +51,8 @@ def varlen_attention(
         raise ValueError("varlen attention has no attention dropout")
     batch, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    attend = _flash if q.is_cuda else _per_pair_sdpa
-    return attend(q, k, v, cu_seq_lens, length, scaling).view(batch, length, heads, dim), None
+    out = _flash(q, k, v, cu_seq_lens, length, scaling) if q.is_cuda else _per_pair_sdpa(q, k, v, cu_seq_lens, scaling)
+    return out.view(batch, length, heads, dim), None
 
 
 def _flash(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _flash(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torc
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), **_GQA)
 
 
-def _per_pair_sdpa(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+def _per_pair_sdpa(q, k, v, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
     bounds = cu.tolist()
     heads_first = [t.transpose(0, 1) for t in (q, k, v)]
     pairs = [
