@@ -8,10 +8,11 @@ import torch
 
 from schemas.data import QAPair
 from schemas.settings import LoraSettings, TrainSettings
-from trainer.data import collate, encode_rows
+from trainer.data import collate, collate_packed_items, encode_rows, pack_items
 from trainer.loss import answer_loss
 from trainer.model import attach_lora, load_base
 from trainer.module import LoraFineTune, RankData, warmup_cosine
+from trainer.speed import apply_speed_settings
 
 ROWS = [QAPair(question=f"What causes condition {i}?", answer=f"Condition {i} is caused by factor {i * 7}.", source="t") for i in range(24)]
 CFG = TrainSettings(max_steps=6, checkpoint_every_steps=2, micro_batch_size=2, max_length=64, warmup_steps=1, lr=5e-3)
@@ -70,10 +71,11 @@ def test_warmup_then_cosine_decay():
     assert factor(10) == pytest.approx(0.1) and factor(6) > factor(8)
 
 
-def _loss_drops_on_a_fixed_batch(model, tokenizer, steps: int, lr: float) -> tuple[float, float]:
+def _loss_drops_on_a_fixed_batch(model, tokenizer, steps: int, lr: float, batch=None) -> tuple[float, float]:
     module = LoraFineTune(model, TrainSettings(lr=lr, warmup_steps=0, max_steps=steps))
     optimizer = module.configure_optimizers()["optimizer"]
-    batch = collate(encode_rows(tokenizer, ROWS[:2], max_length=64), pad_id=tokenizer.pad_token_id)
+    if batch is None:
+        batch = collate(encode_rows(tokenizer, ROWS[:2], max_length=64), pad_id=tokenizer.pad_token_id)
     losses = []
     for _ in range(steps):
         loss = answer_loss(module.model, batch)
@@ -87,6 +89,17 @@ def _loss_drops_on_a_fixed_batch(model, tokenizer, steps: int, lr: float) -> tup
 def test_tiny_model_loss_goes_down(tiny_model_dir: Path):
     model, tokenizer = load_base(tiny_model_dir)
     first, last = _loss_drops_on_a_fixed_batch(attach_lora(model, LoraSettings(r=8, alpha=16)), tokenizer, steps=8, lr=2e-2)
+    assert last < first
+
+
+def test_fast_path_switches_learn_on_packed_rows(tiny_model_dir: Path):
+    """The GPU fast path's model switches on the CPU: packed rows, varlen attention, folded LoRA."""
+    model, tokenizer = load_base(tiny_model_dir)
+    train = TrainSettings(packing=True, attn_implementation="varlen", fold_lora=True, max_length=64,
+                          lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    model = apply_speed_settings(attach_lora(model, train.lora), train)
+    batch = collate_packed_items(pack_items(encode_rows(tokenizer, ROWS[:4], 64), 64, tokenizer.pad_token_id))
+    first, last = _loss_drops_on_a_fixed_batch(model, tokenizer, steps=8, lr=2e-2, batch=batch)
     assert last < first
 
 
