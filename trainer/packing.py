@@ -4,7 +4,8 @@ Rows carry ``position_ids`` that restart at 0 for every pair and no attention ma
 transformers (``masking_utils.find_packed_sequence_indices``) turns restarting positions
 into a document mask, so with ``attn_implementation="flex_attention"`` no token attends
 across pairs and cross-pair blocks are skipped (``"varlen"``: trainer/attention.py); padding
-is one more "pair" whose labels are ignored. Packing removes the ~40% padding of length-bucketed batches on MedQuAD.
+is one more "pair" whose labels are ignored. Packing removes the ~40% padding of
+length-bucketed batches on MedQuAD.
 """
 
 from __future__ import annotations

@@ -4,20 +4,18 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_packing import _tiny_llama
 
 from schemas.settings import LoraSettings
 from trainer.fold_lora import fold_lora
 from trainer.model import attach_lora
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTED = len(LoraSettings().target_modules)
+"""LoRA's default targets: every linear layer of a LLaMA block."""
 
 
 def _adapted(dropout: float = 0.0):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = attach_lora(LlamaForCausalLM(config), LoraSettings(r=4, alpha=8, dropout=dropout, target_modules=ALL_LINEAR))
+    model = attach_lora(_tiny_llama("sdpa"), LoraSettings(r=4, alpha=8, dropout=dropout))
     with torch.no_grad():  # B starts at zero; random B makes the LoRA path count in the comparison
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -35,12 +33,12 @@ def _loss_and_lora_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[s
 def test_folded_lora_equals_peft_in_loss_and_gradients():
     plain = _adapted()
     folded = copy.deepcopy(plain)
-    assert fold_lora(folded) == 2 * len(ALL_LINEAR)
+    assert fold_lora(folded) == 2 * ADAPTED  # two layers
     ids = torch.randint(0, 97, (2, 24))
     loss, grads = _loss_and_lora_grads(plain, ids)
     folded_loss, folded_grads = _loss_and_lora_grads(folded, ids)
     assert torch.allclose(folded_loss, loss, atol=1e-6)
-    assert grads.keys() == folded_grads.keys() and len(grads) == 4 * len(ALL_LINEAR)
+    assert grads.keys() == folded_grads.keys() and len(grads) == 4 * ADAPTED
     for name, grad in grads.items():
         assert torch.allclose(folded_grads[name], grad, atol=1e-6), name
     # Parameter names are PEFT's: the adapter saves as before.
