@@ -165,8 +165,9 @@ class TrainSettings(_Section):
     """max-autotune times Triton GEMM templates (which can absorb neighbouring elementwise ops) against cuBLAS."""
     fold_lora: bool = False
     """LoRA's product inside the frozen GEMM, ``[x | s·xAᵀ][W | B]ᵀ`` (trainer/fold_lora.py); needs lora.dropout=0."""
-    activation_checkpointing: bool = False
-    """Recompute decoder activations in backward: less memory, ~30% more compute."""
+    activation_checkpointing: Literal["off", "full", "selective"] = "off"
+    """Recompute in backward instead of saving: ``full`` recomputes each decoder layer (least memory, ~30% more
+    compute); ``selective`` keeps GEMM and attention outputs and recomputes only norms, RoPE, SiLU·mul and adds."""
     loss_chunk_tokens: int = Field(4096, ge=16)
     """Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."""
     replay_ratio: float = Field(1.0, ge=0)
@@ -204,6 +205,9 @@ class TrainSettings(_Section):
         if self.fold_lora and (self.lora.dropout or self.precision.endswith("-mixed")):
             # Dropout would need its own mask per layer; autocast does not reach a custom backward.
             problems.append("fold_lora needs lora.dropout=0 and a -true precision (bf16-true, 32-true)")
+        if self.activation_checkpointing == "selective" and not self.fold_lora:
+            # PEFT's two products per layer would both be kept: more memory than saving nothing selectively.
+            problems.append("activation_checkpointing=selective needs train.fold_lora=true")
         if problems:
             raise ValueError("; ".join(problems))
         return self

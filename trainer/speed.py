@@ -6,7 +6,10 @@ Kept apart from model building so CPU runs (tests, the demo) stay plain and the 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from schemas.settings import TrainSettings
 from trainer.fold_lora import fold_lora
@@ -19,9 +22,23 @@ def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.
     lm.set_attn_implementation(train.attn_implementation)
     if train.fold_lora:
         fold_lora(model)
-    if train.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.activation_checkpointing != "off":
+        kwargs = {"use_reentrant": False}
+        if train.activation_checkpointing == "selective":
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_and_attention)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if train.compile:
         # In-place compile keeps parameter names, so checkpoints and adapters save unchanged.
         getattr(lm, lm.base_model_prefix).compile(dynamic=False, mode=train.compile_mode)
     return model
+
+
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: what a GEMM or an attention kernel made is kept; cheap memory-bound ops are recomputed."""
+    # Attention ops differ by kernel and torch version (flex_attention, sdpa's, torch_attn::_varlen_attn).
+    name = str(op)
+    keep = op in _MATMULS or "attention" in name or "attn" in name
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE

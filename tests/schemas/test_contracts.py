@@ -71,6 +71,14 @@ def test_fold_lora_needs_no_dropout_and_no_autocast():
             load_settings(["train.fold_lora=true", *bad])
 
 
+def test_selective_checkpointing_needs_folded_lora():
+    fold = ["train.fold_lora=true", "train.lora.dropout=0", "train.precision=bf16-true"]
+    assert load_settings([*fold, "train.activation_checkpointing=selective"]).train.activation_checkpointing == "selective"
+    assert load_settings(["train.activation_checkpointing=full"]).train.activation_checkpointing == "full"
+    with pytest.raises(ValueError, match="selective needs train.fold_lora"):
+        load_settings(["train.activation_checkpointing=selective"])
+
+
 def test_exported_json_schemas_are_current():
     assert {p.name: p.read_text() for p in OUT.glob("*.json")} == rendered()
     check = subprocess.run([sys.executable, "-m", "schemas.export", "--check"], capture_output=True, text=True)

@@ -93,11 +93,11 @@ def test_tiny_model_loss_goes_down(tiny_model_dir: Path):
 
 
 def test_fast_path_switches_learn_on_packed_rows(tiny_model_dir: Path):
-    """The GPU fast path's model switches on the CPU: packed rows, varlen attention, folded LoRA."""
+    """The GPU fast path's model switches on the CPU: packed rows, varlen attention, folded LoRA, selective checkpointing."""
     model, tokenizer = load_base(tiny_model_dir)
-    train = TrainSettings(packing=True, attn_implementation="varlen", fold_lora=True, max_length=64,
-                          lora=LoraSettings(r=8, alpha=16, dropout=0.0))
-    model = apply_speed_settings(attach_lora(model, train.lora), train)
+    train = TrainSettings(packing=True, attn_implementation="varlen", fold_lora=True, activation_checkpointing="selective",
+                          max_length=64, lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    model = apply_speed_settings(attach_lora(model, train.lora), train).train()  # checkpointing acts in training mode
     batch = collate_packed_items(pack_items(encode_rows(tokenizer, ROWS[:4], 64), 64, tokenizer.pad_token_id))
     first, last = _loss_drops_on_a_fixed_batch(model, tokenizer, steps=8, lr=2e-2, batch=batch)
     assert last < first
