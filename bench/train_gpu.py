@@ -52,12 +52,21 @@ VARIANTS: dict[str, dict] = {
     "fast_mb4": {**FAST, "micro_batch_size": 4},
     "fast_mb5": {**FAST, "micro_batch_size": 5},
     "fast_mb2": {**FAST, "micro_batch_size": 2},
-    "fast_ckpt": {**FAST, "activation_checkpointing": True},
+    "fast_ckpt": {**FAST, "activation_checkpointing": "full"},
     # LoRA's product inside the frozen GEMM: no [tokens, out] LoRA output in memory.
     "fold_mb4": {**FAST, "micro_batch_size": 4, "fold_lora": True},
     "fold_mb16": {**FAST, "micro_batch_size": 16, "fold_lora": True},
     "fold_mb24": {**FAST, "micro_batch_size": 24, "fold_lora": True},
     "fold_mb24_autotune": {**FAST, "micro_batch_size": 24, "fold_lora": True, "compile_mode": "max-autotune-no-cudagraphs"},
+    # Selective checkpointing: norms, RoPE and SiLU·mul recomputed in backward, GEMM and attention outputs kept.
+    "fold_mb5_sel": {**FAST, "micro_batch_size": 5, "fold_lora": True, "activation_checkpointing": "selective"},
+    "fold_mb6_sel": {**FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective"},
+    "fold_mb7_sel": {**FAST, "micro_batch_size": 7, "fold_lora": True, "activation_checkpointing": "selective"},
+    "fold_mb8_sel": {**FAST, "micro_batch_size": 8, "fold_lora": True, "activation_checkpointing": "selective"},
+    "fold_mb16_sel": {**FAST, "micro_batch_size": 16, "fold_lora": True, "activation_checkpointing": "selective"},
+    "fold_mb6_sel_autotune": {
+        **FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", "compile_mode": "max-autotune-no-cudagraphs",
+    },
     # FlashAttention-2 per pair (torch.nn.attention.varlen) in place of flex_attention's block mask.
     "varlen_mb16": {**FAST, "micro_batch_size": 16, "attn_implementation": "varlen"},
     "varlen_mb24": {**FAST, "micro_batch_size": 24, "attn_implementation": "varlen"},
