@@ -61,8 +61,6 @@ VARIANTS: dict[str, dict] = {
     # Selective checkpointing: norms, RoPE and SiLU·mul recomputed in backward, GEMM and attention outputs kept.
     "fold_mb5_sel": {**FAST, "micro_batch_size": 5, "fold_lora": True, "activation_checkpointing": "selective"},
     "fold_mb6_sel": {**FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective"},
-    "fold_mb7_sel": {**FAST, "micro_batch_size": 7, "fold_lora": True, "activation_checkpointing": "selective"},
-    "fold_mb8_sel": {**FAST, "micro_batch_size": 8, "fold_lora": True, "activation_checkpointing": "selective"},
     "fold_mb16_sel": {**FAST, "micro_batch_size": 16, "fold_lora": True, "activation_checkpointing": "selective"},
     "fold_mb6_sel_autotune": {
         **FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", "compile_mode": "max-autotune-no-cudagraphs",
