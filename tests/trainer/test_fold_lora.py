@@ -50,25 +50,32 @@ def test_fold_lora_refuses_dropout():
         fold_lora(_adapted(dropout=0.1))
 
 
-def test_compiled_folded_layer_saves_no_joined_weight_for_backward():
-    """The joined [W | B] is rebuilt in backward; saving it would hold a second copy of every frozen weight."""
+def partition_backend(record):
+    """A torch.compile backend that runs graphs uncompiled and hands ``record`` what the partitioner made:
+    the values forward saves for backward, then the forward and backward graphs."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
-
-    from trainer.fold_lora import _FoldedLora
-
-    saved: list[tuple[int, ...]] = []
 
     def partition(joint, inputs, **kwargs):
         forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
         (output,) = [n for n in forward.graph.nodes if n.op == "output"]
-        saved.extend(tuple(n.meta["val"].shape) for n in output.args[0][1:] if "val" in n.meta)
+        # Forward returns its own outputs first, then what backward needs.
+        saved = [n.meta["val"] for n in output.args[0][kwargs["num_fwd_outputs"] :] if "val" in n.meta]
+        record(saved, forward.graph, backward.graph)
         return forward, backward
 
+    keep = lambda graph, _: make_boxed_func(graph)  # noqa: E731 - no compiler: only the partition matters
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
+
+
+def test_compiled_folded_layer_saves_no_joined_weight_for_backward():
+    """The joined [W | B] is rebuilt in backward; saving it would hold a second copy of every frozen weight."""
+    from trainer.fold_lora import _FoldedLora
+
+    saved: list[tuple[int, ...]] = []
+    backend = partition_backend(lambda values, *_: saved.extend(tuple(v.shape) for v in values))
     base = torch.nn.Linear(32, 64, bias=False).requires_grad_(False)
     lora_a, lora_b = torch.randn(4, 32, requires_grad=True), torch.randn(64, 4, requires_grad=True)
-    keep = lambda graph, _: make_boxed_func(graph)  # noqa: E731 - no compiler: only the partition matters
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
     layer = torch.compile(lambda x: _FoldedLora.apply(x, base.weight, lora_a, lora_b, 2.0), backend=backend)
     layer(torch.randn(8, 32, requires_grad=True)).sum().backward()
     assert (64, 32) in saved and (64, 36) not in saved, saved

@@ -4,7 +4,7 @@ import collections
 import copy
 
 import torch
-from test_fold_lora import _adapted, _loss_and_lora_grads
+from test_fold_lora import _adapted, _loss_and_lora_grads, partition_backend
 
 from schemas.settings import TrainSettings
 from trainer.speed import apply_speed_settings
@@ -29,9 +29,6 @@ def test_selective_checkpointing_keeps_loss_and_gradients():
 def _partition(model, tokens: int) -> tuple[int, int, int]:
     """Activation bytes the compiled decoder saves for backward, the GEMM/attention calls backward repeats
     from forward (same op, same shapes), and backward's RMSNorm recomputations (rsqrt)."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
     found = collections.Counter()
 
     def signatures(graph: torch.fx.Graph) -> list[tuple]:
@@ -39,22 +36,16 @@ def _partition(model, tokens: int) -> tuple[int, int, int]:
         calls = [n for n in graph.nodes if n.op == "call_function" and any(h in str(n.target) for h in heavy)]
         return [(n.target, *(tuple(a.meta["val"].shape) for a in n.args if isinstance(a, torch.fx.Node))) for n in calls]
 
-    def partition(joint, inputs, **kwargs):
-        forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
-        (output,) = [n for n in forward.graph.nodes if n.op == "output"]
-        values = [n.meta.get("val") for n in output.args[0] if isinstance(n, torch.fx.Node)]
+    def record(saved: list, forward: torch.fx.Graph, backward: torch.fx.Graph) -> None:
         # Only concrete [.., tokens, ..] activations count; a symbolic size would add a guard mid-compile.
-        concrete = [v for v in values if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)]
+        concrete = [v for v in saved if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)]
         found["saved"] += sum(v.nbytes for v in concrete if tokens in v.shape)
-        forward_calls = set(signatures(forward.graph))
-        found["repeated"] += sum(sig in forward_calls for sig in signatures(backward.graph))
-        found["rsqrt"] += sum(n.target is torch.ops.aten.rsqrt.default for n in backward.graph.nodes)
-        return forward, backward
+        forward_calls = set(signatures(forward))
+        found["repeated"] += sum(sig in forward_calls for sig in signatures(backward))
+        found["rsqrt"] += sum(n.target is torch.ops.aten.rsqrt.default for n in backward.nodes)
 
-    keep = lambda graph, _: make_boxed_func(graph)  # noqa: E731 - no compiler: only the partition matters
     torch._dynamo.reset()  # each model compiles afresh, not as a dynamic-shape recompile of the last
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
-    decoder = torch.compile(model.base_model.model.model, dynamic=False, backend=backend)
+    decoder = torch.compile(model.base_model.model.model, dynamic=False, backend=partition_backend(record))
     decoder(input_ids=torch.randint(0, 97, (1, tokens))).last_hidden_state.sum().backward()
     return found["saved"], found["repeated"], found["rsqrt"]
 
