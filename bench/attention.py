@@ -1,8 +1,13 @@
-"""Document-masked causal attention on packed rows: flex_attention (the trainer's) against varlen flash attention.
+"""Document-masked causal attention on packed rows: flex_attention (the trainer's) against other kernels.
 
-TinyLlama-1.1B's attention shape (32 query heads, 4 KV heads, head dim 64), bf16, forward + backward of
-one layer on micro-batches of the shipped MedQuAD packing (``bench/packed_segments.json``: segment lengths of
-64 packed 2048-token rows, SmolLM2 tokenizer). JSON to stdout and ``--out``.
+TinyLlama-1.1B's attention shape (32 query heads, 4 KV heads, head dim 64), bf16, forward and forward +
+backward of one layer on micro-batches of the shipped MedQuAD packing (``bench/packed_segments.json``:
+segment lengths of 64 packed 2048-token rows, SmolLM2 tokenizer). Candidates: compiled flex_attention
+with the trainer's block mask, under its default kernel options, hand-picked forward and backward tile
+options, flags that promise mask properties, max-autotune, and the best forward and backward options found together; and,
+on the flattened batch with one sequence per pair, FlashAttention-2 (``torch.nn.attention.varlen``) and
+cuDNN's ragged attention (``aten._cudnn_attention_forward``). Every candidate's output is checked against
+flex's. TFLOP/s counts the causal work inside pairs only. JSON to stdout and ``--out``.
 
     python bench/attention.py --batch 16 --out $OUT/attention.json
 """
@@ -13,14 +18,32 @@ import argparse
 import inspect
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).parent
+HEADS, KV_HEADS, DIM = 32, 4, 64
+FWD_OPTIONS = {
+    "fwd_m128_n64_w4_s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+    "fwd_m128_n64_w8_s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3},
+    "fwd_m128_n128_w8_s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 3},
+    "fwd_m64_n64_w4_s3": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+}
+BWD_OPTIONS = {
+    f"bwd_m{m}_n{n}_w{w}_s{s}": {"bwd_BLOCK_M1": m, "bwd_BLOCK_N1": n, "bwd_BLOCK_M2": n, "bwd_BLOCK_N2": m, "bwd_num_warps": w, "bwd_num_stages": s}
+    for m, n, w, s in ((64, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4))
+}
+FLAGS = {
+    "flex_rows_safe": {"ROWS_GUARANTEED_SAFE": True},  # every query sees itself
+    "flex_blocks_contiguous": {"BLOCKS_ARE_CONTIGUOUS": True},
+    "flex_prescale_qk": {"PRESCALE_QK": True},
+}
+"""Promises about the mask that let the kernels skip checks (both flags together gave NaNs on an H100)."""
 
 
-def timed(fn, iters: int) -> float:
+def timed(fn: Callable[[], object], iters: int) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -41,52 +64,81 @@ def main() -> None:
 
     packed = json.loads((HERE / "packed_segments.json").read_text())
     rows, row_len = packed["rows"][: args.batch], packed["row_len"]
-    heads, kv_heads, dim, dev = 32, 4, 64, "cuda"
+    dev = "cuda"
     doc = torch.tensor([[i for i, n in enumerate(r) for _ in range(n)] for r in rows], device=dev)
     lengths = [n for r in rows for n in r]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=dev, dtype=torch.int32)
-    b, total = len(rows), len(rows) * row_len
+    b, total, longest = len(rows), len(rows) * row_len, max(lengths)
+    # Causal within each pair: QK^T and PV, 2 FLOPs a multiply-add; backward does 2.5x forward's work.
+    forward_flop = sum(n * (n + 1) / 2 for n in lengths) * HEADS * DIM * 4
 
     def leaf(*shape):
         return torch.randn(*shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
 
-    q, k, v = leaf(b, heads, row_len, dim), leaf(b, kv_heads, row_len, dim), leaf(b, kv_heads, row_len, dim)
-    grad = torch.randn(b, heads, row_len, dim, device=dev, dtype=torch.bfloat16)
+    q, k, v = leaf(b, HEADS, row_len, DIM), leaf(b, KV_HEADS, row_len, DIM), leaf(b, KV_HEADS, row_len, DIM)
+    grad = torch.randn(b, HEADS, row_len, DIM, device=dev, dtype=torch.bfloat16)
     mask = create_block_mask(lambda bi, h, qi, ki: (qi >= ki) & (doc[bi, qi] == doc[bi, ki]), b, None, row_len, row_len)
-    compiled = torch.compile(flex_attention)
 
-    def flex():
-        return compiled(q, k, v, block_mask=mask, enable_gqa=True)
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(total, t.shape[1], DIM)
 
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": b, "row_len": row_len,
-               "segments": len(lengths), "mean_segment": total / len(lengths)}  # fmt: skip
-    results["flex_ms"] = timed(lambda: flex().backward(grad), args.iters)
+    # The flattened layout the varlen kernels take; K/V also with their heads repeated for kernels without GQA.
+    qv, kv, vv = (flat(t.detach()).contiguous().requires_grad_() for t in (q, k, v))
+    kr, vr = (t.detach().repeat_interleave(HEADS // KV_HEADS, 1).requires_grad_() for t in (kv, vv))
+    flat_grad = flat(grad).contiguous()
 
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError as e:
-        results["varlen"] = f"unavailable: {e}"
-    else:
-        signature = inspect.signature(varlen_attn)
-        params = signature.parameters
-        results["varlen_signature"] = str(signature)
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        qv, kv_, vv = (t.detach().transpose(1, 2).reshape(total, -1, dim).contiguous().requires_grad_() for t in (q, k, v))
-        # GQA by repeating K/V heads where the kernel takes no enable_gqa.
-        gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
-        kr, vr = (kv_, vv) if gqa else (kv_.repeat_interleave(heads // kv_heads, 1), vv.repeat_interleave(heads // kv_heads, 1))
-        gv = grad.transpose(1, 2).reshape(total, heads, dim)
+    def flex_call(compiled, options=None):
+        return (lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)), grad, flat
 
-        def varlen():
-            return varlen_attn(qv, kr, vr, cu, cu, max(lengths), max(lengths), **causal, **gqa)
+    # One compiled flex per option set and grad mode: more graphs than dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = 256
+    flex_options = {"flex": None, **FWD_OPTIONS, **BWD_OPTIONS, **FLAGS}
+    candidates = {name: flex_call(torch.compile(flex_attention), options) for name, options in flex_options.items()}
+    candidates["flex_autotune"] = flex_call(torch.compile(flex_attention, mode="max-autotune-no-cudagraphs"))
 
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    candidates["fa2_varlen"] = (lambda: varlen_attn(qv, kr, vr, cu, cu, longest, longest, **causal)), flat_grad, None
+
+    def cudnn(key, value):
+        return torch.ops.aten._cudnn_attention_forward(qv, key, value, None, cu, cu, longest, longest, True, 0.0, True, False)[0]
+
+    candidates["cudnn_ragged"] = (lambda: cudnn(kr, vr)), flat_grad, None
+    candidates["cudnn_ragged_gqa"] = (lambda: cudnn(kv, vv)), flat_grad, None
+
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+               "batch": b, "row_len": row_len, "segments": len(lengths), "mean_segment": total / len(lengths),
+               "forward_gflop": forward_flop / 1e9, "kernels": {}}  # fmt: skip
+    with torch.no_grad():
+        reference = flat(candidates["flex"][0]()).float()
+
+    def measure(name: str, call, out_grad: torch.Tensor, to_flat) -> None:
         try:
-            with torch.no_grad():  # same attention as the flex mask?
-                reference = flex().transpose(1, 2).reshape(total, heads, dim)
-                results["max_abs_diff_vs_flex"] = (varlen().float() - reference.float()).abs().max().item()
-            results["varlen_ms"] = timed(lambda: varlen().backward(gv), args.iters)
-        except Exception as e:  # noqa: BLE001 - reported, not hidden: the kernel may not exist for this card or build
-            results["varlen"] = f"failed: {type(e).__name__}: {e}"
+            with torch.no_grad():
+                out = call()
+                diff = ((to_flat(out) if to_flat else out).float() - reference).abs().max().item()
+                forward_ms = timed(call, args.iters)
+            both_ms = timed(lambda: call().backward(out_grad), args.iters)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden: a kernel may not exist for this card or build
+            results["kernels"][name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            return
+        results["kernels"][name] = {
+            "max_abs_diff_vs_flex": diff, "forward_ms": forward_ms, "forward_backward_ms": both_ms,
+            "forward_tflops": forward_flop / forward_ms / 1e9, "forward_backward_tflops": 3.5 * forward_flop / both_ms / 1e9,
+        }  # fmt: skip
+        print(name, json.dumps(results["kernels"][name]), flush=True)
+
+    for name, candidate in candidates.items():
+        measure(name, *candidate)
+    # The best forward and the best backward tiles found above, together.
+    timings = {name: r for name, r in results["kernels"].items() if isinstance(r, dict) and name in flex_options}
+    best_fwd = min((n for n in timings if n == "flex" or n in FWD_OPTIONS), key=lambda n: timings[n]["forward_ms"])
+    best_bwd = min((n for n in timings if n == "flex" or n in BWD_OPTIONS), key=lambda n: timings[n]["forward_backward_ms"] - timings[n]["forward_ms"])
+    best = {**(flex_options[best_fwd] or {}), **(flex_options[best_bwd] or {})}
+    results["flex_best_options"] = best
+    measure("flex_best", *flex_call(torch.compile(flex_attention), best))
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -159,6 +159,9 @@ class TrainSettings(_Section):
     attn_implementation: Literal["eager", "sdpa", "flex_attention", "varlen"] = "sdpa"
     """flex_attention turns packed rows' document mask into a block mask that skips cross-pair blocks;
     varlen (packed rows only) runs FlashAttention-2 on each pair (trainer/attention.py)."""
+    flex_kernel_options: dict[str, int | bool] = {}
+    """Tile options of flex_attention's Triton kernels (torch's FlexKernelOptions, e.g. fwd_BLOCK_N=64,
+    bwd_num_warps=8); empty keeps torch's defaults. bench/attention.py times candidates on a card."""
     compile: bool = False
     """torch.compile the decoder (GPU fast path; compile time dwarfs short CPU runs)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
@@ -195,6 +198,8 @@ class TrainSettings(_Section):
     @model_validator(mode="after")
     def _speed_switches_fit(self) -> TrainSettings:
         problems = []
+        if self.flex_kernel_options and self.attn_implementation != "flex_attention":
+            problems.append(f"flex_kernel_options need attn_implementation=flex_attention, got {self.attn_implementation}")
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
             problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")

@@ -22,11 +22,16 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Last hidden states of the decoder stack (LoRA layers included), without the LM head."""
+def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], flex_kernel_options: dict | None = None) -> torch.Tensor:
+    """Last hidden states of the decoder stack (LoRA layers included), without the LM head.
+
+    ``flex_kernel_options`` reach flex_attention's kernels when the model attends with it.
+    """
     lm = causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    if flex_kernel_options and lm.config._attn_implementation == "flex_attention":
+        inputs["kernel_options"] = flex_kernel_options
     if lm.config._attn_implementation == VARLEN:
         inputs["cu_seq_lens"] = batch["cu_seq_lens"]
         # The pair count changes every batch: one compiled graph for all counts, not one each.
@@ -95,9 +100,11 @@ def chunked_answer_loss(
     return total, scored.new_tensor(len(scored))
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> torch.Tensor:
+def answer_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096, flex_kernel_options: dict | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over answer tokens of a (padded or packed) batch."""
-    hidden = decoder_hidden(model, batch)
+    hidden = decoder_hidden(model, batch, flex_kernel_options)
     head = causal_lm(model).get_output_embeddings().weight
     total, count = chunked_answer_loss(hidden, head, batch["labels"], chunk_tokens)
     return total / count.clamp(min=1)

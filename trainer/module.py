@@ -57,12 +57,12 @@ class LoraFineTune(L.LightningModule):
         self.strict_loading = False
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = answer_loss(self.model, batch, self.cfg.loss_chunk_tokens)
+        loss = answer_loss(self.model, batch, self.cfg.loss_chunk_tokens, self.cfg.flex_kernel_options)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = answer_loss(self.model, batch, self.cfg.loss_chunk_tokens)
+        loss = answer_loss(self.model, batch, self.cfg.loss_chunk_tokens, self.cfg.flex_kernel_options)
         # Weighted by answer tokens: the epoch's val_loss is the token mean, whatever the batching.
         answer_tokens = int((batch["labels"] != IGNORE).sum())
         self.log("val_loss", loss, sync_dist=True, batch_size=answer_tokens)

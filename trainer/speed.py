@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch.nn.attention.flex_attention import FlexKernelOptions
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from schemas.settings import TrainSettings
@@ -17,7 +18,10 @@ from trainer.loss import causal_lm
 
 
 def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.nn.Module:
-    """Attention kernel, folded LoRA, activation checkpointing and torch.compile of the decoder, as configured."""
+    """Attention kernel (its flex options checked), folded LoRA, activation checkpointing and torch.compile of the decoder, as configured."""
+    unknown = {k for k in train.flex_kernel_options if k.removeprefix("fwd_").removeprefix("bwd_") not in FlexKernelOptions.__annotations__}
+    if unknown:
+        raise ValueError(f"train.flex_kernel_options: {sorted(unknown)} are not flex_attention kernel options (FlexKernelOptions)")
     lm = causal_lm(model)
     lm.set_attn_implementation(train.attn_implementation)
     if train.fold_lora:

@@ -54,6 +54,13 @@ def test_packed_flex_rows_must_be_whole_blocks():
         load_settings([*fast, "train.max_length=200"])
 
 
+def test_flex_kernel_options_need_flex_attention():
+    options = "train.flex_kernel_options.fwd_BLOCK_N=64"
+    assert load_settings(["train.attn_implementation=flex_attention", options]).train.flex_kernel_options == {"fwd_BLOCK_N": 64}
+    with pytest.raises(ValueError, match="flex_kernel_options need attn_implementation=flex_attention"):
+        load_settings([options])
+
+
 def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
     assert load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.max_length=200"]).train.max_length == 200
     with pytest.raises(ValueError, match="needs packed rows"):

@@ -93,6 +93,28 @@ def test_packed_loss_equals_unpacked_per_pair_loss(attn):
             assert torch.allclose(packed, alone, atol=1e-5), (attn, start)
 
 
+def test_flex_kernel_options_reach_flex_attention(monkeypatch):
+    from transformers.integrations import flex_attention as hf_flex
+
+    seen = []
+    original = hf_flex.compile_friendly_flex_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", spy)
+    model = _tiny_llama("flex_attention")
+    batch = collate_packed(pack_examples([_example(range(3, 14), 4)], row_len=ROW, pad_id=0))
+    options = {"ROWS_GUARANTEED_SAFE": True}
+    with torch.no_grad():
+        answer_loss(model, batch, flex_kernel_options=options)
+        assert seen == [options, options]  # one call a layer
+        seen.clear()
+        answer_loss(model, batch)
+    assert seen == [None, None]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "varlen"])
 def test_other_pair_changes_neither_loss_nor_gradients(attn):
     model = _tiny_llama(attn).train()

@@ -3,6 +3,7 @@
 import collections
 import copy
 
+import pytest
 import torch
 from test_fold_lora import _adapted, _loss_and_lora_grads, partition_backend
 
@@ -60,3 +61,9 @@ def test_compiled_selective_checkpointing_saves_less_and_repeats_no_gemm_or_atte
     assert full_saved < selective_saved < 0.7 * saved
     assert repeated == selective_repeated == 0 < full_repeated  # full recomputes GEMMs, which the check can see
     assert selective_rsqrt > rsqrt  # RMSNorm is recomputed instead of saved
+
+
+def test_unknown_flex_kernel_options_are_refused_before_training():
+    train = TrainSettings(attn_implementation="flex_attention", flex_kernel_options={"fwd_BLOCK_N": 64, "bwd_BLOK_M1": 32})
+    with pytest.raises(ValueError, match=r"\['bwd_BLOK_M1'\] are not flex_attention kernel options"):
+        apply_speed_settings(_adapted(), train)
