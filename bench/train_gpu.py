@@ -73,6 +73,12 @@ VARIANTS: dict[str, dict] = {
     # flex_attention with tuned tiles (FLEX_TUNED).
     "fold_mb16_flexopt": {**FAST, "micro_batch_size": 16, "fold_lora": True, "flex_kernel_options": FLEX_TUNED},
     "fold_mb24_flexopt": {**FAST, "micro_batch_size": 24, "fold_lora": True, "flex_kernel_options": FLEX_TUNED},
+    "fold_mb24_flexopt_autotune": {
+        **FAST, "micro_batch_size": 24, "fold_lora": True, "flex_kernel_options": FLEX_TUNED, "compile_mode": "max-autotune-no-cudagraphs",
+    },
+    "fold_mb6_sel_flexopt": {
+        **FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", "flex_kernel_options": FLEX_TUNED,
+    },
     # FlashAttention-2 per pair (torch.nn.attention.varlen) in place of flex_attention's block mask.
     "varlen_mb16": {**FAST, "micro_batch_size": 16, "attn_implementation": "varlen"},
     "varlen_mb24": {**FAST, "micro_batch_size": 24, "attn_implementation": "varlen"},

@@ -1,10 +1,15 @@
-"""LoRA folded into the frozen GEMM: ``y = [x | s·x Aᵀ] [W | B]ᵀ``.
+"""LoRA folded into the frozen GEMMs: ``y = x Wᵀ + s·(x Aᵀ) Bᵀ`` without PEFT's extra activation passes.
 
-PEFT computes ``W x`` and ``s·B(A x)`` as two [tokens, out] tensors and adds them, so every
-adapted layer writes and reads one more activation-sized tensor in forward, and backward
-reads the output gradient once more for ``dy B``. Joined along the reduction dimension, one
-GEMM gives the sum in forward and both ``dy W`` and ``dy B`` in backward; it costs 16 more
-reduction columns of 2,048–5,632.
+PEFT computes ``W x`` and ``s·B(A x)`` as two [tokens, out] tensors and adds them, and in backward
+writes ``dy B A`` as a [tokens, in] tensor and adds it to ``dy W``: each an activation-sized write and
+read per adapted layer. Here:
+
+- forward joins the two products along the reduction dimension, ``[x | s·xAᵀ] [W | B]ᵀ``, where the
+  layer's input is no wider than its output (q, o, gate, up): copying x with 16 more columns costs less
+  than a [tokens, out] sum. Narrower outputs (k, v, down) keep the sum, one addmm reading ``x Wᵀ``.
+- backward takes ``dx`` against the merged weight ``W + s·BA`` (rebuilt each step, weight-sized), in the
+  same GEMM as ``dy B``: ``dy [B | W + s·BA]``. Only the input gradient uses the merged weight; forward
+  and the LoRA gradients keep the unmerged products.
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ class _FoldedLora(torch.autograd.Function):
         xa = (x @ lora_a.t()) * scale
         ctx.save_for_backward(x, xa, weight, lora_a, lora_b)
         ctx.scale = scale
-        return torch.cat([x, xa], -1) @ torch.cat([weight, lora_b], 1).t()
+        out_features, in_features = weight.shape
+        if in_features <= out_features:
+            return torch.cat([x, xa], -1) @ torch.cat([weight, lora_b], 1).t()
+        # One addmm, not mm + add: selective checkpointing then keeps the sum, not both products.
+        y = torch.addmm(x.reshape(-1, in_features) @ weight.t(), xa.reshape(-1, xa.shape[-1]), lora_b.t())
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor, None]:
         x, xa, weight, lora_a, lora_b = ctx.saved_tensors
-        # [B | W], not forward's [W | B]: the same expression would be one node of the joint graph,
-        # which the partitioner then saves for backward (another copy of every frozen weight).
-        d_joined = dy @ torch.cat([lora_b, weight], 1)
         rank = lora_b.shape[1]
+        # [B | W'], not forward's [W | B]: the same expression would be one node of the joint graph,
+        # which the partitioner then saves for backward (another copy of every frozen weight).
+        d_joined = dy @ torch.cat([lora_b, weight + ctx.scale * (lora_b @ lora_a)], 1)
         d_xa = d_joined[..., :rank] * ctx.scale
-        dx = d_joined[..., rank:] + d_xa @ lora_a
+        dx = d_joined[..., rank:]
         grad_a = d_xa.reshape(-1, d_xa.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         grad_b = dy.reshape(-1, dy.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1])
         return dx, None, grad_a, grad_b, None

@@ -68,14 +68,15 @@ def partition_backend(record):
     return aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
 
 
-def test_compiled_folded_layer_saves_no_joined_weight_for_backward():
-    """The joined [W | B] is rebuilt in backward; saving it would hold a second copy of every frozen weight."""
+@pytest.mark.parametrize(("in_features", "out_features"), [(32, 64), (64, 32)])  # joined input; plain sum
+def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, out_features):
+    """Backward rebuilds its joined weight; saving one would hold a second copy of every frozen weight."""
     from trainer.fold_lora import _FoldedLora
 
     saved: list[tuple[int, ...]] = []
     backend = partition_backend(lambda values, *_: saved.extend(tuple(v.shape) for v in values))
-    base = torch.nn.Linear(32, 64, bias=False).requires_grad_(False)
-    lora_a, lora_b = torch.randn(4, 32, requires_grad=True), torch.randn(64, 4, requires_grad=True)
+    base = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False)
+    lora_a, lora_b = torch.randn(4, in_features, requires_grad=True), torch.randn(out_features, 4, requires_grad=True)
     layer = torch.compile(lambda x: _FoldedLora.apply(x, base.weight, lora_a, lora_b, 2.0), backend=backend)
-    layer(torch.randn(8, 32, requires_grad=True)).sum().backward()
-    assert (64, 32) in saved and (64, 36) not in saved, saved
+    layer(torch.randn(8, in_features, requires_grad=True)).sum().backward()
+    assert (out_features, in_features) in saved and (out_features, in_features + 4) not in saved, saved
