@@ -200,6 +200,9 @@ class TrainSettings(_Section):
         problems = []
         if self.flex_kernel_options and self.attn_implementation != "flex_attention":
             problems.append(f"flex_kernel_options need attn_implementation=flex_attention, got {self.attn_implementation}")
+        if self.flex_kernel_options and self.compile_mode != "default":
+            # Max-autotune picks flex's tiles itself; with fixed ones the whole model hit an illegal memory access (H100).
+            problems.append(f"flex_kernel_options need compile_mode=default (max-autotune tunes flex's tiles itself), got {self.compile_mode}")
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
             problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")

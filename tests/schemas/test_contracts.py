@@ -59,6 +59,8 @@ def test_flex_kernel_options_need_flex_attention():
     assert load_settings(["train.attn_implementation=flex_attention", options]).train.flex_kernel_options == {"fwd_BLOCK_N": 64}
     with pytest.raises(ValueError, match="flex_kernel_options need attn_implementation=flex_attention"):
         load_settings([options])
+    with pytest.raises(ValueError, match="flex_kernel_options need compile_mode=default"):
+        load_settings(["train.attn_implementation=flex_attention", options, "train.compile_mode=max-autotune-no-cudagraphs"])
 
 
 def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
