@@ -39,8 +39,9 @@ class _FoldedLora(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor, None]:
         x, xa, weight, lora_a, lora_b = ctx.saved_tensors
         rank = lora_b.shape[1]
-        # [B | W'], not forward's [W | B]: the same expression would be one node of the joint graph,
-        # which the partitioner then saves for backward (another copy of every frozen weight).
+        # dx against W' = W + s·BA: one GEMM gives dy B and dx, with no [tokens, in] LoRA term to write and add.
+        # Joined here, not taken from forward's [W | B], which the partitioner would then save (a second
+        # copy of every frozen weight).
         d_joined = dy @ torch.cat([lora_b, weight + ctx.scale * (lora_b @ lora_a)], 1)
         d_xa = d_joined[..., :rank] * ctx.scale
         dx = d_joined[..., rank:]
