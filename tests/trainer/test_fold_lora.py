@@ -1,4 +1,4 @@
-"""Folded LoRA (one GEMM against [W | B]) computes what PEFT's two products compute, gradients included."""
+"""Folded LoRA computes what PEFT's two products compute, gradients included (exactly in fp32, to rounding in bf16)."""
 
 import copy
 
@@ -80,3 +80,19 @@ def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, 
     layer = torch.compile(lambda x: _FoldedLora.apply(x, base.weight, lora_a, lora_b, 2.0), backend=backend)
     layer(torch.randn(8, in_features, requires_grad=True)).sum().backward()
     assert (out_features, in_features) in saved and (out_features, in_features + 4) not in saved, saved
+
+
+def test_folded_lora_in_bf16_stays_within_rounding_of_peft():
+    """The input gradient runs against the merged weight W + s·BA rounded to bf16: LoRA gradients move by rounding only."""
+    plain = _adapted().to(torch.bfloat16)
+    folded = copy.deepcopy(plain)
+    fold_lora(folded)
+    ids = torch.randint(0, 97, (2, 24))
+    exact = _loss_and_lora_grads(_adapted(), ids)[1]  # fp32, the same initial weights
+
+    def worst_error(model) -> float:
+        grads = _loss_and_lora_grads(model, ids)[1]
+        return max(((grads[n].float() - g).norm() / g.norm()).item() for n, g in exact.items())
+
+    # Against fp32, PEFT in bf16 is off by up to ~2% here and folded by ~2.7%; dropping LoRA's term from dx gives ~100%.
+    assert worst_error(folded) < 2 * worst_error(plain)
