@@ -3,10 +3,10 @@
 TinyLlama-1.1B's attention shape (32 query heads, 4 KV heads, head dim 64), bf16, forward and forward +
 backward of one layer on micro-batches of the shipped MedQuAD packing (``bench/packed_segments.json``:
 segment lengths of 64 packed 2048-token rows, SmolLM2 tokenizer). Candidates: compiled flex_attention
-with the trainer's block mask, under its default kernel options, hand-picked forward and backward tile
-options, flags that promise mask properties, max-autotune, and the best forward and backward options found together; and,
-on the flattened batch with one sequence per pair, FlashAttention-2 (``torch.nn.attention.varlen``) and
-cuDNN's ragged attention (``aten._cudnn_attention_forward``). Every candidate's output is checked against
+with the trainer's block mask, under its default kernel options, hand-picked forward and backward tiles,
+kernel flags, max-autotune, and the best forward and backward tiles found together; and, on the
+flattened batch with one sequence per pair, FlashAttention-2 (``torch.nn.attention.varlen``) and cuDNN's
+ragged attention (``aten._cudnn_attention_forward``). Every candidate's output is checked against
 flex's. TFLOP/s counts the causal work inside pairs only. JSON to stdout and ``--out``.
 
     python bench/attention.py --batch 16 --out $OUT/attention.json
@@ -40,7 +40,8 @@ FLAGS = {
     "flex_blocks_contiguous": {"BLOCKS_ARE_CONTIGUOUS": True},
     "flex_prescale_qk": {"PRESCALE_QK": True},
 }
-"""Promises about the mask that let the kernels skip checks (both flags together gave NaNs on an H100)."""
+"""Two promises about the mask that let the kernels skip checks (together they gave NaNs on an H100), and
+Q·Kᵀ pre-scaled, which trades accuracy for speed."""
 
 
 def timed(fn: Callable[[], object], iters: int) -> float:

@@ -167,7 +167,7 @@ class TrainSettings(_Section):
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """max-autotune times Triton GEMM templates (which can absorb neighbouring elementwise ops) against cuBLAS."""
     fold_lora: bool = False
-    """LoRA's product inside the frozen GEMM, ``[x | s·xAᵀ][W | B]ᵀ`` (trainer/fold_lora.py); needs lora.dropout=0."""
+    """LoRA's products inside the frozen GEMMs, no extra activation-sized passes (trainer/fold_lora.py); needs lora.dropout=0."""
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     """Recompute in backward instead of saving: ``full`` recomputes each decoder layer (least memory, ~30% more
     compute); ``selective`` keeps GEMM and attention outputs and recomputes only norms, RoPE, SiLU·mul and adds."""
