@@ -191,7 +191,7 @@ def run_variant(name: str, args) -> dict:
     if clock.profiler is not None:
         clock.profiler.stop()
         by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        top_kernels = clock.profiler.key_averages().table(sort_by=by, row_limit=25)
+        top_kernels = clock.profiler.key_averages().table(sort_by=by, row_limit=40)
     tokens_per_s = clock.tokens / clock.seconds
     return {
         "variant": name, "settings": train.model_dump(mode="json"), "steps_timed": args.steps,

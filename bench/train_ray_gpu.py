@@ -3,8 +3,9 @@
 Each run is a Ray Train ``TorchTrainer`` whose workers build the trainer's own Lightning
 Trainer (``build_lightning_trainer``: RayDDPStrategy, RayLightningEnvironment,
 RayTrainReportCallback, prepare_trainer) around ``LoraFineTune`` and ``RankData`` (packed
-MedQuAD rows, per-rank sharding), with the fast path's settings. The model is the TinyLlama-1.1B
-shape with the tokenizer's vocabulary, random init (no registry or S3 on a bare GPU box).
+MedQuAD rows, per-rank sharding), with one of bench/train_gpu.py's variants (the fastest by
+default). The model is the TinyLlama-1.1B shape with the tokenizer's vocabulary, random init
+(no registry or S3 on a bare GPU box).
 The 2-GPU run trains one full MedQuAD epoch.
 
     python bench/train_ray_gpu.py --tokenizer DIR --out $OUT/train_ray_gpu.json
@@ -27,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import FAST, _sync, build_model  # noqa: E402
+from train_gpu import VARIANTS, _sync, build_model  # noqa: E402
 
-SMOKE = {"precision": "32-true", "compile": False, "attn_implementation": "sdpa", "max_length": 128, "micro_batch_size": 2}
+SMOKE = {"precision": "32-true", "compile": False, "attn_implementation": "sdpa", "flex_kernel_options": {}, "max_length": 128, "micro_batch_size": 2}
 
 
 class Clock(L.Callback):
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--one-gpu-steps", type=int, default=60, help="steps of the 1-GPU run (the 2-GPU run does an epoch)")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--variant", default="fold_mb24_flexopt", choices=VARIANTS, help="bench/train_gpu.py's variant to train")
     parser.add_argument("--limit-rows", type=int)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_ray_gpu.json"))
@@ -130,9 +132,9 @@ def main() -> None:
     from schemas.settings import TrainSettings, load_settings, with_overrides
 
     base = load_settings()
-    fast = {**FAST, **(SMOKE if args.smoke else {}), "use_gpu": not args.smoke, "checkpoint_every_steps": 50}
+    fast = {**VARIANTS[args.variant], **(SMOKE if args.smoke else {}), "use_gpu": not args.smoke, "checkpoint_every_steps": 50}
     report = {"card": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-              "ray": ray.__version__, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": []}
+              "ray": ray.__version__, "variant": args.variant, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": []}
     for workers in (1, 2):
         train = TrainSettings.model_validate({**fast, "num_workers": workers})
         steps = epoch_steps(args.tokenizer, train, args.limit_rows, 2) if workers == 2 else args.one_gpu_steps

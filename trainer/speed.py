@@ -31,6 +31,10 @@ def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.
         if train.activation_checkpointing == "selective":
             kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_and_attention)
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if train.fold_lora:
+            # Folded siblings hand over their outputs through a stash (trainer/fold_lora.py), emptied within the
+            # layer: nothing for backward's recompute to replay. Without this dynamo breaks the graph at every layer.
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if train.compile:
         # In-place compile keeps parameter names, so checkpoints and adapters save unchanged.
         getattr(lm, lm.base_model_prefix).compile(dynamic=False, mode=train.compile_mode)

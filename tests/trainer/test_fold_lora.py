@@ -45,6 +45,19 @@ def test_folded_lora_equals_peft_in_loss_and_gradients():
     assert [n for n, _ in folded.named_parameters()] == [n for n, _ in plain.named_parameters()]
 
 
+def test_siblings_given_different_inputs_compute_their_own_outputs():
+    """q, k and v run as one GEMM when they read one tensor; given other tensors (cross-attention) each gets its own."""
+    plain = _adapted()
+    folded = copy.deepcopy(plain)
+    fold_lora(folded)
+    attention, folded_attention = plain.base_model.model.model.layers[0].self_attn, folded.base_model.model.model.layers[0].self_attn
+    shared, other = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded_attention.q_proj(shared), attention.q_proj(shared), atol=1e-6)
+        assert torch.allclose(folded_attention.k_proj(other), attention.k_proj(other), atol=1e-6)
+        assert torch.allclose(folded_attention.v_proj(shared), attention.v_proj(shared), atol=1e-6)
+
+
 def test_fold_lora_refuses_dropout():
     with pytest.raises(ValueError, match="without dropout"):
         fold_lora(_adapted(dropout=0.1))
@@ -77,7 +90,7 @@ def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, 
     backend = partition_backend(lambda values, *_: saved.extend(tuple(v.shape) for v in values))
     base = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False)
     lora_a, lora_b = torch.randn(4, in_features, requires_grad=True), torch.randn(out_features, 4, requires_grad=True)
-    layer = torch.compile(lambda x: _FoldedLora.apply(x, base.weight, lora_a, lora_b, 2.0), backend=backend)
+    layer = torch.compile(lambda x: _FoldedLora.apply(x, 2.0, base.weight, lora_a, lora_b), backend=backend)
     layer(torch.randn(8, in_features, requires_grad=True)).sum().backward()
     assert (out_features, in_features) in saved and (out_features, in_features + 4) not in saved, saved
 
