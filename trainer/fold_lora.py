@@ -59,12 +59,13 @@ class _FoldedLora(torch.autograd.Function):
         x, xa, *params = ctx.saved_tensors
         layers = len(params) // 3
         weights, lora_as, lora_bs = params[:layers], params[layers : 2 * layers], params[2 * layers :]
-        lora_a, lora_b = _stack(lora_as), _block_diagonal(lora_bs)
+        lora_b = _block_diagonal(lora_bs)
         rank = lora_b.shape[1]
         # dx against W' = W + s·BA: one GEMM gives dy B and dx, with no [tokens, in] LoRA term to write and add.
-        # Stacked here, not taken from forward's [W | B], which the partitioner would then save (a second
-        # copy of every frozen weight).
-        d_joined = dy @ torch.cat([lora_b, _stack(weights) + ctx.scale * (lora_b @ lora_a)], 1)
+        # Merged layer by layer from the parameters: nothing shared with forward's [W | B], which the
+        # partitioner would then save (a second copy of every frozen weight).
+        merged = _stack([w + ctx.scale * (b @ a) for w, a, b in zip(weights, lora_as, lora_bs, strict=True)])
+        d_joined = dy @ torch.cat([lora_b, merged], 1)
         d_xa = d_joined[..., :rank] * ctx.scale
         dx = d_joined[..., rank:]
         grad_a = d_xa.reshape(-1, rank).t() @ x.reshape(-1, x.shape[-1])

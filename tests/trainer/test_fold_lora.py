@@ -81,18 +81,20 @@ def partition_backend(record):
     return aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
 
 
-@pytest.mark.parametrize(("in_features", "out_features"), [(32, 64), (64, 32)])  # joined input; plain sum
-def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, out_features):
+@pytest.mark.parametrize(("in_features", "outs"), [(32, (64,)), (64, (32,)), (32, (64, 16, 16))])  # joined input; plain sum; siblings
+def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, outs):
     """Backward rebuilds its joined weight; saving one would hold a second copy of every frozen weight."""
     from trainer.fold_lora import _FoldedLora
 
     saved: list[tuple[int, ...]] = []
     backend = partition_backend(lambda values, *_: saved.extend(tuple(v.shape) for v in values))
-    base = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False)
-    lora_a, lora_b = torch.randn(4, in_features, requires_grad=True), torch.randn(out_features, 4, requires_grad=True)
-    layer = torch.compile(lambda x: _FoldedLora.apply(x, 2.0, base.weight, lora_a, lora_b), backend=backend)
+    weights = [torch.nn.Linear(in_features, out, bias=False).requires_grad_(False).weight for out in outs]
+    lora_a = [torch.randn(4, in_features, requires_grad=True) for _ in outs]
+    lora_b = [torch.randn(out, 4, requires_grad=True) for out in outs]
+    layer = torch.compile(lambda x: _FoldedLora.apply(x, 2.0, *weights, *lora_a, *lora_b), backend=backend)
     layer(torch.randn(8, in_features, requires_grad=True)).sum().backward()
-    assert (out_features, in_features) in saved and (out_features, in_features + 4) not in saved, saved
+    weight_sized = [shape for shape in saved if shape[0] in (*outs, sum(outs)) and shape[1] >= in_features]
+    assert sorted(weight_sized) == sorted((out, in_features) for out in outs), saved  # the frozen weights themselves only
 
 
 def test_folded_lora_in_bf16_stays_within_rounding_of_peft():
