@@ -135,16 +135,18 @@ def main() -> None:
     fast = {**VARIANTS[args.variant], **(SMOKE if args.smoke else {}), "use_gpu": not args.smoke, "checkpoint_every_steps": 50}
     report = {"card": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
               "ray": ray.__version__, "variant": args.variant, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": []}
-    for workers in (1, 2):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # The 2-GPU epoch first, and the report written after each run: a call cut short keeps what it measured.
+    for workers in (2, 1):
         train = TrainSettings.model_validate({**fast, "num_workers": workers})
         steps = epoch_steps(args.tokenizer, train, args.limit_rows, 2) if workers == 2 else args.one_gpu_steps
         settings = with_overrides(base, {"train": {**train.model_dump(mode="json"), "max_steps": steps, "warmup_steps": 5}})
         result = {"workers": workers, **run(workers, steps, args, settings)}
         report["runs"].append(result)
         print(json.dumps(result), flush=True)
-    one, two = (r["tokens_per_s"] for r in report["runs"])
+        args.out.write_text(json.dumps(report, indent=2))
+    two, one = (r["tokens_per_s"] for r in report["runs"])
     report["scaling_2_vs_1"] = two / one if one and two else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
