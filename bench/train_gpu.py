@@ -84,6 +84,9 @@ VARIANTS: dict[str, dict] = {
 LIGER = {"fast_mb16_liger"}
 """Variants with liger-kernel's Triton RMSNorm, SwiGLU and RoPE (``pip install liger-kernel``; the loss stays the trainer's
 chunked CE). Measured slower than inductor's own fusions: docs/benchmarks.md."""
+SMOKE_TRAIN = {"precision": "32-true", "compile": False, "max_length": 128}
+"""--smoke settings: FlexAttention has no CPU backward, fp16 autocast no CPU kernels, so the smoke run checks plumbing only."""
+NO_FLEX = {"attn_implementation": "sdpa", "flex_kernel_options": {}}
 SMOKE = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 """``--smoke``: a tiny model on the CPU, fp32, no compile: checks the bench's code path without a GPU."""
 TINYLLAMA = {
@@ -162,10 +165,8 @@ def run_variant(name: str, args) -> dict:
     from schemas.settings import TrainSettings
     from trainer.module import LoraFineTune
 
-    # FlexAttention has no CPU backward, fp16 autocast no CPU kernels: the smoke run checks plumbing only
-    # (varlen runs its per-pair CPU path).
-    flex = VARIANTS[name]["attn_implementation"] == "flex_attention"
-    overrides = {"precision": "32-true", "compile": False, "max_length": 128, **({"attn_implementation": "sdpa", "flex_kernel_options": {}} if flex else {})} if args.smoke else {}
+    flex = VARIANTS[name]["attn_implementation"] == "flex_attention"  # varlen runs its per-pair CPU path
+    overrides = {**SMOKE_TRAIN, **(NO_FLEX if flex else {})} if args.smoke else {}
     steps = {"max_steps": args.warmup + args.steps, "warmup_steps": 2}
     train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps})
     if name in LIGER:

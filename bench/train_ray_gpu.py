@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import VARIANTS, _sync, build_model  # noqa: E402
+from train_gpu import NO_FLEX, SMOKE_TRAIN, VARIANTS, _sync, build_model  # noqa: E402
 
-SMOKE = {"precision": "32-true", "compile": False, "attn_implementation": "sdpa", "flex_kernel_options": {}, "max_length": 128, "micro_batch_size": 2}
+SMOKE = {**SMOKE_TRAIN, **NO_FLEX, "micro_batch_size": 2}
 
 
 class Clock(L.Callback):
@@ -132,13 +132,13 @@ def main() -> None:
     from schemas.settings import TrainSettings, load_settings, with_overrides
 
     base = load_settings()
-    fast = {**VARIANTS[args.variant], **(SMOKE if args.smoke else {}), "use_gpu": not args.smoke, "checkpoint_every_steps": 50}
+    variant = {**VARIANTS[args.variant], **(SMOKE if args.smoke else {}), "use_gpu": not args.smoke, "checkpoint_every_steps": 50}
     report = {"card": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
               "ray": ray.__version__, "variant": args.variant, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # The 2-GPU epoch first, and the report written after each run: a call cut short keeps what it measured.
     for workers in (2, 1):
-        train = TrainSettings.model_validate({**fast, "num_workers": workers})
+        train = TrainSettings.model_validate({**variant, "num_workers": workers})
         steps = epoch_steps(args.tokenizer, train, args.limit_rows, 2) if workers == 2 else args.one_gpu_steps
         settings = with_overrides(base, {"train": {**train.model_dump(mode="json"), "max_steps": steps, "warmup_steps": 5}})
         result = {"workers": workers, **run(workers, steps, args, settings)}

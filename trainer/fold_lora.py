@@ -18,6 +18,7 @@ read per adapted layer. Here:
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -26,12 +27,18 @@ SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling layers that read one input in LLaMA-family blocks; grouping is also checked per call."""
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one layer: no weight-sized copy
 
 
-def _block_diagonal(lora_b: list[torch.Tensor]) -> torch.Tensor:
+def _block_diagonal(lora_b: Sequence[torch.Tensor]) -> torch.Tensor:
     return lora_b[0] if len(lora_b) == 1 else torch.block_diag(*lora_b)
+
+
+def _by_role(params: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The layers' weights, their As and their Bs, from ``params`` laid out in that order."""
+    layers = len(params) // 3
+    return params[:layers], params[layers : 2 * layers], params[2 * layers :]
 
 
 class _FoldedLora(torch.autograd.Function):
@@ -42,8 +49,8 @@ class _FoldedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float, *params: torch.Tensor) -> torch.Tensor:
-        layers = len(params) // 3
-        weight, lora_a, lora_b = _stack(params[:layers]), _stack(params[layers : 2 * layers]), _block_diagonal(params[2 * layers :])
+        weights, lora_as, lora_bs = _by_role(params)
+        weight, lora_a, lora_b = _stack(weights), _stack(lora_as), _block_diagonal(lora_bs)
         xa = (x @ lora_a.t()) * scale
         ctx.save_for_backward(x, xa, *params)
         ctx.scale = scale
@@ -57,8 +64,7 @@ class _FoldedLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, xa, *params = ctx.saved_tensors
-        layers = len(params) // 3
-        weights, lora_as, lora_bs = params[:layers], params[layers : 2 * layers], params[2 * layers :]
+        weights, lora_as, lora_bs = _by_role(tuple(params))
         lora_b = _block_diagonal(lora_bs)
         rank = lora_b.shape[1]
         # dx against W' = W + s·BA: one GEMM gives dy B and dx, with no [tokens, in] LoRA term to write and add.
@@ -72,7 +78,7 @@ class _FoldedLora(torch.autograd.Function):
         grad_b = dy.reshape(-1, dy.shape[-1]).t() @ xa.reshape(-1, rank)  # each layer's block is its B's gradient
         rows, ranks = [w.shape[0] for w in weights], [a.shape[0] for a in lora_as]
         blocks = [part.split(ranks, 1)[i] for i, part in enumerate(grad_b.split(rows))]
-        return dx, None, *([None] * layers), *grad_a.split(ranks), *blocks
+        return dx, None, *([None] * len(weights)), *grad_a.split(ranks), *blocks
 
 
 class _SharedInput:
