@@ -17,6 +17,7 @@ pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementa
 mkdir -p "$WORK/site" "$OUT"
 for wheel in "$WORK"/wheels/*.whl; do python -m zipfile -e "$wheel" "$WORK/site"; done
 rm -rf "$WORK"/site/ray/{jars,rllib,serve,llm,dashboard/client}
+chmod +x "$WORK"/site/ray/core/src/ray/{gcs/gcs_server,raylet/raylet}  # zipfile drops the exec bits
 tar -cf - -C "$WORK" site | xz -6 -T0 > "$OUT/ray_site.tar.xz"
 rm -rf "$WORK"
 ls -la "$OUT/ray_site.tar.xz"
