@@ -38,6 +38,9 @@ FLEX_TUNED = {
 }
 """flex_attention tiles: the fastest forward (0.52 against 0.97 ms a layer) and backward (1.97 against 2.17 ms) of
 bench/attention.py's sweep on an H100."""
+FLEX_64 = {"flex_kernel_options": {**FLEX_TUNED, "fwd_BLOCK_M": 64}, "flex_block_size": 64}
+"""The same tiles on 64-token mask blocks (forward tiles of 64 queries to fit): a layer's attention 2.88 against 3.43 ms
+at 24 rows in bench/attention.py on an H100."""
 VARIANTS: dict[str, dict] = {
     # fp32 master weights + fp16 autocast, LoRA r8 on q/v, padded batches of 8 at <= 512 tokens, full logits.
     "reference": {
@@ -77,6 +80,8 @@ VARIANTS: dict[str, dict] = {
     "fold_mb6_sel_flexopt": {
         **FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", "flex_kernel_options": FLEX_TUNED,
     },
+    "fold_mb24_flex64": {**FAST, "micro_batch_size": 24, "fold_lora": True, **FLEX_64},
+    "fold_mb6_sel_flex64": {**FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", **FLEX_64},
     # FlashAttention-2 per pair (torch.nn.attention.varlen) in place of flex_attention's block mask.
     "varlen_mb16": {**FAST, "micro_batch_size": 16, "attn_implementation": "varlen"},
     "varlen_mb24": {**FAST, "micro_batch_size": 24, "attn_implementation": "varlen"},
@@ -86,7 +91,7 @@ LIGER = {"fast_mb16_liger"}
 chunked CE). Measured slower than inductor's own fusions: docs/benchmarks.md."""
 SMOKE_TRAIN = {"precision": "32-true", "compile": False, "max_length": 128}
 """--smoke settings: FlexAttention has no CPU backward, fp16 autocast no CPU kernels, so the smoke run checks plumbing only."""
-NO_FLEX = {"attn_implementation": "sdpa", "flex_kernel_options": {}}
+NO_FLEX = {"attn_implementation": "sdpa", "flex_kernel_options": {}, "flex_block_size": 128}
 SMOKE = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 """``--smoke``: a tiny model on the CPU, fp32, no compile: checks the bench's code path without a GPU."""
 TINYLLAMA = {

@@ -162,6 +162,10 @@ class TrainSettings(_Section):
     flex_kernel_options: dict[str, int | bool] = {}
     """Tile options of flex_attention's Triton kernels (torch's FlexKernelOptions, e.g. fwd_BLOCK_N=64,
     bwd_num_warps=8); empty keeps torch's defaults. bench/attention.py times candidates on a card."""
+    flex_block_size: int = Field(FLEX_BLOCK, ge=16, le=FLEX_BLOCK)
+    """Tokens per side of flex_attention's mask blocks, a divisor of flex's default 128. Smaller blocks skip more
+    of the area outside short packed pairs; the kernels' tiles must divide them (trainer/flex_mask.py). 64 with
+    64-token tiles was fastest on an H100."""
     compile: bool = False
     """torch.compile the decoder (GPU fast path; compile time dwarfs short CPU runs)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
@@ -203,6 +207,12 @@ class TrainSettings(_Section):
         if self.flex_kernel_options and self.compile_mode != "default":
             # Max-autotune picks flex's tiles itself; with fixed ones the whole model hit an illegal memory access (H100).
             problems.append(f"flex_kernel_options need compile_mode=default (max-autotune tunes flex's tiles itself), got {self.compile_mode}")
+        if FLEX_BLOCK % self.flex_block_size:
+            problems.append(f"flex_block_size must divide {FLEX_BLOCK}, got {self.flex_block_size}")
+        if self.flex_block_size != FLEX_BLOCK and self.attn_implementation != "flex_attention":
+            problems.append(f"flex_block_size needs attn_implementation=flex_attention, got {self.attn_implementation}")
+        if misfit := {k: v for k, v in self.flex_kernel_options.items() if "BLOCK_" in k and self.flex_block_size % v}:
+            problems.append(f"flex_kernel_options tiles must divide flex_block_size={self.flex_block_size}, got {misfit}")
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
             problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")

@@ -13,17 +13,19 @@ from torch.nn.attention.flex_attention import FlexKernelOptions
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from schemas.settings import TrainSettings
+from trainer.flex_mask import use_flex_block_size
 from trainer.fold_lora import fold_lora
 from trainer.loss import causal_lm
 
 
 def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.nn.Module:
-    """Attention kernel (its flex options checked), folded LoRA, activation checkpointing and torch.compile of the decoder, as configured."""
+    """Attention kernel (its flex options checked, its mask blocks set), folded LoRA, activation checkpointing and torch.compile of the decoder, as configured."""
     unknown = {k for k in train.flex_kernel_options if k.removeprefix("fwd_").removeprefix("bwd_") not in FlexKernelOptions.__annotations__}
     if unknown:
         raise ValueError(f"train.flex_kernel_options: {sorted(unknown)} are not flex_attention kernel options (FlexKernelOptions)")
     lm = causal_lm(model)
     lm.set_attn_implementation(train.attn_implementation)
+    use_flex_block_size(train.flex_block_size)
     if train.fold_lora:
         fold_lora(model)
     if train.activation_checkpointing != "off":

@@ -63,6 +63,17 @@ def test_flex_kernel_options_need_flex_attention():
         load_settings(["train.attn_implementation=flex_attention", options, "train.compile_mode=max-autotune-no-cudagraphs"])
 
 
+def test_flex_block_size_needs_flex_and_tiles_that_divide_it():
+    flex = ["train.attn_implementation=flex_attention", "train.flex_block_size=64"]
+    assert load_settings([*flex, "train.flex_kernel_options.bwd_BLOCK_M1=64"]).train.flex_block_size == 64
+    with pytest.raises(ValueError, match=r"tiles must divide flex_block_size=64, got \{'fwd_BLOCK_M': 128\}"):
+        load_settings([*flex, "train.flex_kernel_options.fwd_BLOCK_M=128", "train.flex_kernel_options.fwd_num_warps=8"])
+    with pytest.raises(ValueError, match="flex_block_size needs attn_implementation=flex_attention"):
+        load_settings(["train.flex_block_size=64"])
+    with pytest.raises(ValueError, match="flex_block_size must divide 128, got 48"):
+        load_settings(["train.attn_implementation=flex_attention", "train.flex_block_size=48"])
+
+
 def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
     assert load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.max_length=200"]).train.max_length == 200
     with pytest.raises(ValueError, match="needs packed rows"):

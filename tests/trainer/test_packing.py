@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.attention import cu_seq_lens, varlen_attention
+from trainer.flex_mask import use_flex_block_size
 from trainer.loss import answer_loss, chunked_answer_loss
 from trainer.packing import IGNORE, Example, collate_packed, pack_examples, packing_efficiency
 
@@ -154,17 +155,18 @@ def test_cu_seq_lens_marks_every_pair_and_padding_tail_in_the_flat_batch():
 
 
 def _packed_qkv(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Two 256-token rows of pairs of uneven lengths, 8 query and 2 key/value heads (GQA)."""
+    """Two 256-token rows of pairs of uneven lengths, 8 query and 2 key/value heads (GQA); then the positions."""
     torch.manual_seed(0)
     positions = torch.cat([torch.arange(n) for n in (37, 180, 39, 5, 251)]).view(2, 256)
     q = torch.randn(2, 8, 256, 64, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(2, 2, 256, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    return q, k, v, cu_seq_lens(positions).to(device)
+    return q, k, v, positions.to(device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a GPU")
 def test_flash_varlen_kernel_equals_per_pair_sdpa():
-    q, k, v, cu = _packed_qkv("cuda", torch.bfloat16)
+    q, k, v, positions = _packed_qkv("cuda", torch.bfloat16)
+    cu = cu_seq_lens(positions)
     flash, _ = varlen_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens=cu)
     flash_grads = torch.autograd.grad(flash.float().square().sum(), (q, k, v))
     cpu = [t.detach().float().cpu().requires_grad_() for t in (q, k, v)]
@@ -179,3 +181,71 @@ def test_varlen_attention_needs_packed_rows():
     q, k, v, _ = _packed_qkv("cpu", torch.float32)
     with pytest.raises(ValueError, match="packed rows"):
         varlen_attention(None, q, k, v, None)
+
+
+@pytest.fixture
+def flex_blocks():
+    """``use_flex_block_size``, back to flex's default after the test."""
+    yield use_flex_block_size
+    use_flex_block_size(128)
+
+
+@pytest.mark.parametrize("block", [64, 32])
+def test_smaller_flex_mask_blocks_attend_as_the_default(flex_blocks, monkeypatch, block):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    flex = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    seen = set()
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.add(attention_mask.BLOCK_SIZE)
+        return flex(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", spy)
+    model = _tiny_llama("flex_attention")
+    pairs = [_example(range(3, 14), 4), _example(range(20, 29), 3), _example(range(30, 90), 5)]
+    batch = collate_packed(pack_examples(pairs, row_len=ROW, pad_id=0))
+    with torch.no_grad():
+        default = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        one_document = model(input_ids=batch["input_ids"]).logits
+        flex_blocks(block)
+        smaller = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert seen == {(128, 128), (block, block)}
+    assert torch.allclose(smaller, default, atol=1e-6)
+    assert not torch.allclose(one_document, default, atol=1e-4)  # so the pairs' mask is what both kept
+
+
+def test_flex_backward_tiles_are_offered_within_the_mask_blocks(flex_blocks, monkeypatch):
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.template_heuristics.triton import FlexBwDConfig
+
+    # torch's H100 default at head dim 64; it checks these against the mask's blocks before kernel_options apply.
+    monkeypatch.setattr(InductorChoices, "get_flex_attention_bwd_configs", lambda *a, **k: [FlexBwDConfig(64, 128, 128, 64, 3, 8)])
+    flex_blocks(64)
+    assert config.inductor_choices_class().get_flex_attention_bwd_configs(64, torch.bfloat16) == [FlexBwDConfig(64, 64, 64, 64, 3, 8)]
+    flex_blocks(128)
+    assert config.inductor_choices_class is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled flex_attention backward with tuned tiles is a GPU kernel")
+def test_compiled_flex_on_64_token_blocks_equals_per_pair_sdpa(flex_blocks):
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function, find_packed_sequence_indices, packed_sequence_mask_function,
+    )
+
+    q, k, v, positions = _packed_qkv("cuda", torch.bfloat16)
+    documents = packed_sequence_mask_function(find_packed_sequence_indices(positions))
+    flex_blocks(64)
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](batch_size=2, q_length=256, kv_length=256, mask_function=and_masks(causal_mask_function, documents), device="cuda")
+    tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
+    out = torch.compile(flex_attention)(q, k, v, block_mask=mask, scale=0.125, enable_gqa=True, kernel_options=tiles)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    cpu = [t.detach().float().cpu().requires_grad_() for t in (q, k, v)]
+    reference, _ = varlen_attention(None, *cpu, None, scaling=0.125, cu_seq_lens=cu_seq_lens(positions).cpu())
+    reference_grads = torch.autograd.grad(reference.square().sum(), cpu)
+    assert mask.BLOCK_SIZE == (64, 64)
+    assert torch.allclose(out.transpose(1, 2).float().cpu(), reference, atol=2e-2)
+    for got, want in zip(grads, reference_grads, strict=True):
+        assert torch.allclose(got.float().cpu(), want, atol=5e-2 * want.abs().max().item())
