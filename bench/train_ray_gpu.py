@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--one-gpu-steps", type=int, default=60, help="steps of the 1-GPU run (the 2-GPU run does an epoch)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--variant", default="fold_mb24_flexopt", choices=VARIANTS, help="bench/train_gpu.py's variant to train")
+    parser.add_argument("--variant", default="fold_mb24_flex64", choices=VARIANTS, help="bench/train_gpu.py's variant to train")
     parser.add_argument("--limit-rows", type=int)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_ray_gpu.json"))
