@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from deploy import process
 from deploy.process import ServiceError
 from deploy.services import Service, kafka, mlflow, ray, s3
+from deploy.services.postgres import existing_databases
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,15 @@ def _launch(settings: Settings, service: Service, timeout_s: float) -> None:
 
 def up(settings: Settings, progress: Progress = log.info) -> list[str]:
     """Bring every service up (idempotent); returns the names of those started now."""
-    settings.stack.home.mkdir(parents=True, exist_ok=True)
+    home = settings.stack.home
+    if not s3.server_dir(settings).exists() and (earlier := existing_databases(settings)):
+        raise ServiceError(
+            f"PostgreSQL already has the databases {earlier}, but the stack home {home} is new: they are an earlier "
+            "stack's, and their model versions and snapshots point at S3 objects that went with its home. Drop them "
+            f"with `medretrain stack down --purge` (it also deletes {home}), or set database.url and "
+            "mlflow.backend_store_uri to other databases"
+        )
+    home.mkdir(parents=True, exist_ok=True)
     started = []
     with _stack_lock(settings):
         for service in SERVICES:

@@ -73,10 +73,11 @@ def stack() -> Settings:
     and never with MEDRETRAIN_TEST_KEEP_STACK=1.
     """
     from deploy import stack as embedded
+    from deploy.services import s3
     from deploy.services.postgres import drop_databases
 
     settings = load_settings()
-    if not (settings.stack.home / "s3").exists():
+    if not s3.server_dir(settings).exists():
         # A new stack home means empty S3: registry rows or snapshots left in the test databases by an
         # earlier stack would point at objects that no longer exist (a fresh CI clone on a used machine).
         drop_databases(settings)

@@ -65,9 +65,14 @@ def _s3_identities(settings: Settings) -> str:
     return json.dumps({"identities": [identity]}, indent=2)
 
 
+def server_dir(settings: Settings) -> Path:
+    """The S3 server's files under the stack home: absent until the stack's first start."""
+    return settings.stack.home / "s3"
+
+
 def launch(settings: Settings) -> Launch:
     stack = settings.stack
-    workdir = stack.home / "s3"
+    workdir = server_dir(settings)
     creds = ensure_credentials(settings)
     write_private(workdir / "security.toml", _security_toml(creds))
     write_private(workdir / "s3.json", _s3_identities(settings))

@@ -13,7 +13,7 @@ import pytest
 from deploy import process, stack as embedded
 from deploy.clients import boto3_s3, credentials_file, ensure_topics, topic_names
 from deploy.services import host_port
-from schemas.settings import Settings
+from schemas.settings import Settings, with_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -224,15 +224,16 @@ def test_cli_status_prints_table(stack: Settings) -> None:
 def test_foreign_service_on_our_port_is_a_clear_error(stack: Settings, tmp_path) -> None:
     from deploy.process import ServiceError
 
-    # Another stack home with the same ports: the S3 port is served, but not by a process of that stack.
-    other = stack.model_copy(update={"stack": stack.stack.model_copy(update={"home": tmp_path / "other"})})
+    # Another stack home with the same ports (and databases of its own): the S3 port is served, but not by a
+    # process of that stack.
+    fresh = {"url": f"postgresql+psycopg://postgres@127.0.0.1:5432/medretrain_t_{uuid.uuid4().hex[:12]}"}
+    other = with_overrides(stack, {"stack": {"home": str(tmp_path / "other")}, "database": fresh, "mlflow": {"backend_store_uri": None}})
     with pytest.raises(ServiceError, match=r"service 's3': .* already served by a process this stack did not start"):
         embedded.up(other)
 
 
 def test_setup_failure_names_the_service(stack: Settings) -> None:
     from deploy.process import ServiceError
-    from schemas.settings import with_overrides
 
     broken = with_overrides(stack, {"database": {"url": "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"}})
     with pytest.raises(ServiceError, match=r"service 'mlflow' is up but its set-up failed: PostgreSQL unreachable"):
