@@ -2,7 +2,7 @@
 
 flex_attention computes every (query block, key block) tile its block mask lists and masks inside the
 partial ones. MedQuAD's pairs average ~340 tokens in 2048-token rows, so with 128-token blocks it
-computes ~58% more than the pairs' causal area, with 64-token blocks ~28% (bench/attention.py).
+computes ~58% more than the pairs' causal area, with 64-token blocks ~28% (docs/benchmarks.md, run 9).
 transformers builds the mask at flex's default size; ``use_flex_block_size`` makes it rebuild the
 mask at the configured size, and makes inductor's backward heuristic offer tiles that fit it.
 """
@@ -26,9 +26,11 @@ def use_flex_block_size(block: int) -> None:
     """Build flex_attention masks in ``block`` x ``block`` token blocks from now on (flex's default: 128)."""
     small = block < _DEFAULT_SPARSE_BLOCK_SIZE
     ALL_MASK_ATTENTION_FUNCTIONS.register(FLEX, partial(_reblocked_mask, block=block) if small else flex_attention_mask)
-    inductor_config.inductor_choices_class = partial(_TilesWithinBlocks, block) if small else None
-    # Inductor keeps one heuristics object per thread, made on first use: replace this thread's as well.
-    V.set_choices_handler(partial(_TilesWithinBlocks, block)() if small else InductorChoices())
+    ours = getattr(inductor_config.inductor_choices_class, "func", None) is _TilesWithinBlocks
+    if small or ours:  # another heuristics class (torch's own on ROCm) is left alone
+        inductor_config.inductor_choices_class = partial(_TilesWithinBlocks, block) if small else None
+        # Inductor keeps one heuristics object per thread, made on first use: replace this thread's as well.
+        V.set_choices_handler(_TilesWithinBlocks(block) if small else InductorChoices())
 
 
 def _reblocked_mask(*args, block: int, **kwargs) -> BlockMask:
