@@ -16,10 +16,11 @@ from schemas.settings import TrainSettings
 from trainer.flex_mask import use_flex_block_size
 from trainer.fold_lora import fold_lora
 from trainer.loss import causal_lm
+from trainer.rope import store_rope_tables
 
 
 def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.nn.Module:
-    """Attention kernel (its flex options checked, its mask blocks set), folded LoRA, activation checkpointing and torch.compile of the decoder, as configured."""
+    """Attention kernel (its flex options checked, its mask blocks set), folded LoRA, activation checkpointing and torch.compile of the decoder (RoPE tables stored once), as configured."""
     unknown = {k for k in train.flex_kernel_options if k.removeprefix("fwd_").removeprefix("bwd_") not in FlexKernelOptions.__annotations__}
     if unknown:
         raise ValueError(f"train.flex_kernel_options: {sorted(unknown)} are not flex_attention kernel options (FlexKernelOptions)")
@@ -38,6 +39,7 @@ def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.
             # layer: nothing for backward's recompute to replay. Without this dynamo breaks the graph at every layer.
             torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if train.compile:
+        store_rope_tables(lm)
         # In-place compile keeps parameter names, so checkpoints and adapters save unchanged.
         getattr(lm, lm.base_model_prefix).compile(dynamic=False, mode=train.compile_mode)
     return model
