@@ -6,7 +6,9 @@ import torch
 from test_fold_lora import _adapted
 from torch._inductor.utils import run_and_get_code
 
+from schemas.settings import TrainSettings
 from trainer.rope import store_rope_tables
+from trainer.speed import apply_speed_settings
 
 
 def _compiled_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -43,3 +45,9 @@ def test_stored_tables_are_evaluated_once_with_the_same_outputs():
             # Compiled and eager gradients of this model differ by ~1e-4 of their largest entry in fp32 as well.
             assert (q.grad - p.grad).abs().max() <= 1e-3 * p.grad.abs().max(), name
     assert store_rope_tables(stored) == 0  # already routed: not wrapped twice
+
+
+def test_the_trainer_stores_the_tables_when_it_compiles_and_only_then():
+    for compile in (False, True):
+        model = apply_speed_settings(_adapted(), TrainSettings(compile=compile))
+        assert hasattr(model.base_model.model.model.rotary_emb, "unstored_forward") is compile
