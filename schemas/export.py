@@ -15,10 +15,11 @@ from pydantic import BaseModel
 
 from schemas.artifacts import Lineage, RegistryAction, SnapshotManifest, TrainedAdapter, Verdict
 from schemas.events import DeadLetter, QAEvent, RetrainRequest, RetrainStatus
+from schemas.serving import AnswerEvent
 
 CONTRACTS: tuple[type[BaseModel], ...] = (
     QAEvent, RetrainRequest, RetrainStatus, DeadLetter,
-    SnapshotManifest, Lineage, TrainedAdapter, Verdict, RegistryAction,
+    SnapshotManifest, Lineage, TrainedAdapter, Verdict, RegistryAction, AnswerEvent,
 )
 OUT = Path(__file__).resolve().parent / "json"
 
