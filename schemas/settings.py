@@ -28,6 +28,8 @@ class KafkaSettings(_Section):
     partitions: int = Field(2, ge=1)
     """Partitions of every topic we create (topics are always created explicitly)."""
     events_topic: str = "qa.events"
+    answers_topic: str = "qa.answers"
+    """Every answer the answer service served (question, answer, version): the drift monitor's live questions."""
     dlq_topic: str = "qa.events.dlq"
     requests_topic: str = "retrain.requests"
     status_topic: str = "retrain.status"

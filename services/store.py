@@ -151,7 +151,9 @@ def make_engine(settings: Settings) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables (idempotent)."""
+    """Create missing tables (idempotent), the answer service's included."""
+    import services.answers.records  # noqa: F401 - its tables join Base.metadata on import; they live with their code
+
     Base.metadata.create_all(engine)
 
 

@@ -2,49 +2,28 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import create_engine, insert, make_url, select, text
+from sqlalchemy import insert, select
 from stream_events import build_event
 
 from schemas.events import RetrainRequest
-from schemas.settings import load_settings
 from services.ingest import SourceRecord, event_row
 from services.store import (
     QAEventRow,
     RetrainRequestRow,
     SnapshotRow,
     count_rows_between,
-    create_schema,
     insert_events,
     last_watermark,
     load_request,
-    make_engine,
     max_row_id,
 )
 
 # Text that a hand-built statement or a JSON encoding would mangle.
 AWKWARD = ['quote " and \\ backslash', "it's; DROP TABLE qa_events; --", "é 中文 😀 \u2028", "tab\tand\nnewline",
            '{"looks": ["like", "json"]}', "\\u0000 escaped, not NUL", "$1 %s %(x)s :now ?"]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def store_engine(request, sqlite_engine):
-    """The store on each database the event insert has a path for (PostgreSQL: a scratch database)."""
-    if request.param == "sqlite":
-        yield sqlite_engine
-        return
-    url = make_url(load_settings().database.url).set(database=f"medretrain_store_{uuid.uuid4().hex[:10]}")
-    engine = make_engine(load_settings([f"database.url={url.render_as_string(hide_password=False)}"]))
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{url.database}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _rows(events, offset0=0):
