@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "services.stream_cli",
     "services.loop_cli",
     "services.drift_cli",
+    "services.answers.cli",
 )
 
 

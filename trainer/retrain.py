@@ -31,6 +31,7 @@ from typing import Any
 import lightning as L
 
 from deploy.clients import pyarrow_s3
+from deploy.ray_env import ray_address
 from schemas.artifacts import Lineage, SnapshotManifest, TrainedAdapter
 from schemas.data import QAPair
 from schemas.events import RetrainRequest
@@ -250,7 +251,7 @@ def connect_ray(settings: Settings) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or f"{settings.stack.host}:{settings.ray.gcs_port}")
+        ray.init(address=ray_address(settings))
 
 
 def start_model(settings: Settings, request: RetrainRequest, run_id: str | None):
