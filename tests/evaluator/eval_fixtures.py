@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.artifacts import Lineage, TrainedAdapter
+from schemas.artifacts import Lineage, TrainedAdapter, Verdict
 from schemas.settings import LoraSettings, Settings
 from trainer.model import attach_lora, load_base
 
@@ -87,3 +87,17 @@ def log_candidate(
         val_loss=2.5,
         wall_s=1.0,
     )
+
+
+def judged(settings: Settings, candidate: TrainedAdapter, passed: bool = True) -> str:
+    """Register a candidate through promotion alone (it reads only the Verdict); returns its version."""
+    from evaluator import promotion
+
+    verdict = Verdict(
+        candidate_run_id=candidate.run_id,
+        baseline_version="1",
+        passed=passed,
+        rules=[],
+        metrics={"candidate": {"medquad.loss": 2.0}, "baseline": {"medquad.loss": 2.1}},
+    )
+    return promotion.apply_verdict(settings, verdict)
