@@ -46,10 +46,13 @@ def write_rules(path: Path, rules: list[dict]) -> Path:
     return path
 
 
-def save_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
+TINY_LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+def save_adapter(base_dir: Path, out_dir: Path, seed: int, lora: LoraSettings = TINY_LORA) -> Path:
     """A PEFT folder (+ tokenizer) whose LoRA B matrices are random, so it really changes the model."""
     model, tokenizer = load_base(base_dir)
-    adapter = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")))
+    adapter = attach_lora(model, lora)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, weight in adapter.named_parameters():

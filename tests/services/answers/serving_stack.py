@@ -16,13 +16,13 @@ from pathlib import Path
 
 import httpx
 
-from schemas.settings import Settings
+from schemas.settings import LoraSettings, Settings
 from services.answers.keys import ensure_keys
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(REPO / "tests" / "evaluator"), str(REPO / "tests" / "services")]
 
-from eval_fixtures import judged, log_candidate, save_adapter
+from eval_fixtures import TINY_LORA, judged, log_candidate, save_adapter
 
 
 @dataclass
@@ -104,12 +104,12 @@ def wait_for(check, timeout_s: float = 90, what: str = "condition"):
 
 
 def register_adapter(settings: Settings, base_dir: Path, base_version: str, out_dir: Path, seed: int,
-                     broken: bool = False) -> str:
+                     broken: bool = False, lora: LoraSettings = TINY_LORA) -> str:
     """A gate-passed adapter version on ``base_version`` (challenger in review mode); ``broken``: unreadable weights.
 
     A broken version has every file promotion checks, so its alias moves; only loading its weights fails.
     """
-    adapter_dir = save_adapter(base_dir, out_dir, seed)
+    adapter_dir = save_adapter(base_dir, out_dir, seed, lora)
     if broken:
         (adapter_dir / "adapter_model.safetensors").write_bytes(b"these are not safetensors")
     return judged(settings, log_candidate(settings, adapter_dir, base_version, snapshot_id=None))
