@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from schemas.settings import LoraSettings, Settings
+from services.answers.client import service_url
 from services.answers.keys import ensure_keys
 
 REPO = Path(__file__).resolve().parents[3]
@@ -65,7 +66,7 @@ def start_service(settings: Settings, overrides: tuple[str, ...], log: Path, tim
     out = log.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "services", *args, "serve", "answers"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
-    http = httpx.Client(base_url=f"http://{settings.serve.host}:{settings.serve.port}", timeout=120)
+    http = httpx.Client(base_url=service_url(settings), timeout=120)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
