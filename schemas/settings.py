@@ -325,6 +325,8 @@ class ServeSettings(_Section):
     """On stop, requests in flight get this long to finish before the replica is killed."""
     retry_after_s: int = Field(5, ge=1)
     """Retry-After of a 503 while no version is loaded."""
+    console_session_h: float = Field(12.0, gt=0)
+    """Hours a web console sign-in lasts (the signed session cookie expires then)."""
 
 
 class Settings(BaseSettings):

@@ -175,6 +175,9 @@ def build_api(backend: AnswerBackend) -> FastAPI:
     async def metrics() -> Response:
         return Response(backend.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    from services.answers.console import console_router
+
+    app.include_router(console_router(backend))
     return app
 
 
