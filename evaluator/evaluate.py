@@ -238,6 +238,7 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
     Returns (verdict, samples, seconds per step: ``prepare``, ``champion``, ``candidate``). The
     candidate's measurement is cached on its run: should it become champion, no gate rescores it.
     """
+    from evaluator.online import NOT_SERVED
     from trainer.registry import resolve
 
     rules = gate.load_rules(settings.evaluate.gate_rules)  # a bad rules file fails before minutes of scoring
@@ -251,7 +252,8 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
     with _stopwatch(seconds, "candidate"):
         challenger = measure_candidate(settings, candidate, sets)
         cache_measurement(settings, candidate.run_id, sets, challenger)
-    passed, results = gate.decide(rules, challenger.metrics, baseline.metrics)
+    # A fresh candidate has served no one yet: its online rules follow on_missing until a promotion re-decides them.
+    passed, results = gate.decide(rules, challenger.metrics, baseline.metrics, {gate.ONLINE_SET: NOT_SERVED})
     verdict = Verdict(
         candidate_run_id=candidate.run_id,
         baseline_version=champion.version,

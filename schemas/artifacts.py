@@ -114,6 +114,17 @@ class OnlineStats(Contract):
             k: v for k, v in rates.items() if v is not None}
 
 
+class OnlineEvidence(Contract):
+    """Live feedback of a candidate and of the champion over the same period: the gate's online rules read it."""
+
+    candidate_version: str | None
+    baseline_version: str | None
+    since: datetime | None
+    """The candidate's first served answer; the champion's answers are counted from then on (None: never served)."""
+    candidate: OnlineStats
+    baseline: OnlineStats
+
+
 class Verdict(Contract):
     """The evaluator's decision record; promotion reads only this."""
 

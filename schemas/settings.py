@@ -273,6 +273,8 @@ class EvalSettings(_Section):
     seed: int = 1234
     gate_rules: Path = Path("evaluator/gate_rules.json")
     promotion: Literal["auto", "review"] = "review"
+    min_online_ratings: int = Field(20, ge=1)
+    """Rated answers a served candidate needs before the gate's ``online.*`` rules compare it with the champion."""
 
 
 class DriftSettings(_Section):

@@ -55,6 +55,15 @@ def _root(
         ctx.obj = load_settings(overrides)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    from evaluator.online import ONLINE_SOURCE_KEY
+
+    ctx.meta[ONLINE_SOURCE_KEY] = _online_evidence  # the registry commands judge live feedback without a service import
+
+
+def _online_evidence(settings: Settings, candidate: str | None, champion: str | None):
+    from services.answers.records import online_evidence
+
+    return online_evidence(settings, candidate, champion)
 
 
 def build_app() -> typer.Typer:

@@ -3,6 +3,7 @@
     record_answer(engine, answer_event)                       # answer + outbox row, one transaction
     response = record_feedback(engine, settings, feedback)    # UnknownAnswer (404), FeedbackConflict (409)
     stats = online_metrics(engine, since)                     # {model_version: OnlineStats}
+    evidence = online_evidence(settings, "4", "3")            # the gate's online input: v4 vs v3, same period
 
 What becomes training data: only a pair a person verified. A +1 publishes the model's answer as a QAEvent
 (``user_rating`` 5, the top of QAEvent's 1..5 scale, ``model_version`` set); a correction (with either rating)
@@ -26,11 +27,11 @@ from datetime import datetime
 from sqlalchemy import Engine, ForeignKey, Integer, String, Text, and_, case, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from schemas.artifacts import OnlineStats
+from schemas.artifacts import OnlineEvidence, OnlineStats
 from schemas.events import QAEvent, utcnow
 from schemas.serving import AnswerEvent, FeedbackRequest, FeedbackResponse
 from schemas.settings import Settings
-from services.store import Base, RowId
+from services.store import Base, RowId, as_utc, create_schema, make_engine
 
 ANSWER_EVENT_NAMESPACE = uuid.UUID("0b6f3c52-8a1e-4d7b-9c3f-2e5a7d1b4c60")
 """uuid5 namespace of the QAEvent id derived from an answer id (never change it: repeats would stop matching)."""
@@ -178,3 +179,19 @@ def online_metrics(engine: Engine, since: datetime | None = None) -> dict[str, O
     return {version: OnlineStats(answers=answers, rated=rated, up=int(up or 0), corrections=int(fixed or 0))
             for version, answers, rated, up, fixed in rows}
 
+
+def online_evidence(settings: Settings, candidate_version: str | None, champion_version: str | None) -> OnlineEvidence:
+    """A candidate's live feedback and the champion's over the same period (from the candidate's first answer)."""
+    engine = make_engine(settings)
+    try:
+        create_schema(engine)  # a store the answer service never wrote to still answers "nothing served"
+        with engine.connect() as conn:
+            since = conn.execute(select(func.min(AnswerRow.answered_at))
+                                 .where(AnswerRow.model_version == str(candidate_version))).scalar_one()
+        stats = online_metrics(engine, since) if since is not None else {}
+    finally:
+        engine.dispose()
+    none = OnlineStats(answers=0, rated=0, up=0, corrections=0)
+    return OnlineEvidence(candidate_version=candidate_version, baseline_version=champion_version, since=as_utc(since),
+                          candidate=stats.get(str(candidate_version), none),
+                          baseline=stats.get(str(champion_version), none))
