@@ -11,11 +11,13 @@ from stream_events import build_event
 from schemas.events import RetrainRequest
 from services.ingest import SourceRecord, event_row
 from services.store import (
+    LiveQuestionRow,
     QAEventRow,
     RetrainRequestRow,
     SnapshotRow,
     count_rows_between,
     insert_events,
+    insert_live_questions,
     last_watermark,
     load_request,
     max_row_id,
@@ -76,3 +78,15 @@ def test_load_request_round_trips_and_names_a_missing_id(sqlite_settings, sqlite
     assert load_request(sqlite_settings, "rr-1") == request
     with pytest.raises(KeyError, match="rr-missing"):
         load_request(sqlite_settings, "rr-missing")
+
+
+def test_live_questions_are_stored_once_per_answer(store_engine):
+    rows = [{"answer_id": f"a-{i}", "question": AWKWARD[i], "model_version": "2", "answered_at": datetime.now(UTC)}
+            for i in range(3)]
+    with store_engine.begin() as conn:
+        first = insert_live_questions(conn, rows + rows[:1])
+        again = insert_live_questions(conn, rows[1:])
+    assert (first.new, first.duplicates, again.new, again.duplicates) == (3, 1, 0, 2)
+    with store_engine.connect() as conn:
+        stored = conn.execute(select(LiveQuestionRow.question).order_by(LiveQuestionRow.row_id)).scalars().all()
+    assert stored == AWKWARD[:3]
