@@ -9,12 +9,14 @@ import threading
 import uuid
 
 import pytest
+from sqlalchemy import select
 from stream_stack import close_env, open_env, read_topic, start_accumulator, stop, stored_ids, wait_for
 
 from schemas.events import QAEvent
 from schemas.serving import AnswerEvent, FeedbackRequest
 from services.answers.records import event_id_for, record_answer, record_feedback
 from services.answers.relay import OutboxRelay, pending_count
+from services.store import LiveQuestionRow
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +43,7 @@ def answer_and_rate(env, engine, ratings) -> list[AnswerEvent]:
     return answers
 
 
-def test_relay_publishes_each_row_once_and_the_accumulator_stores_only_verified_pairs(env, tmp_path):
+def test_relay_publishes_each_row_once_and_the_accumulator_stores_verified_pairs_and_every_question(env, tmp_path):
     engine = env.engine()
     ratings = [1, -1, (-1, "Corrected answer."), None, 1]
     answers = answer_and_rate(env, engine, ratings)
@@ -59,11 +61,18 @@ def test_relay_publishes_each_row_once_and_the_accumulator_stores_only_verified_
     assert sorted(e.event_id for e in events) == sorted(verified)
     accumulator = start_accumulator(env, tmp_path / "accumulator.log")
     try:
-        wait_for(lambda: len(stored_ids(env)) >= 3, 90, "the accumulator to store the verified pairs")
+        wait_for(lambda: len(stored_ids(env)) >= 3 and len(live_ids(engine)) >= len(answers), 90,
+                 "the accumulator to store the verified pairs and the live questions")
     finally:
         stop(accumulator)
     assert sorted(stored_ids(env)) == sorted(str(v) for v in verified)
+    assert sorted(live_ids(engine)) == sorted(str(a.answer_id) for a in answers)
     engine.dispose()
+
+
+def live_ids(engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(LiveQuestionRow.answer_id)).scalars())
 
 
 def test_serve_relays_rows_written_while_it_runs_and_stops_on_request(env):
