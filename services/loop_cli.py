@@ -123,13 +123,26 @@ def status(ctx: typer.Context) -> None:
     overview.add_row("running", "none" if running is None else
                      f"{running['request']} ({running['state']}, job {running.get('ray_job')} {running.get('ray_status', '')})")
     overview.add_row("champion / challenger", f"v{s.champion} / {'v' + s.challenger if s.challenger else 'none'}")
+    if s.outbox_pending is not None:
+        overview.add_row("answer outbox (not on Kafka yet)", str(s.outbox_pending))
     console.print(overview)
+    if s.online:
+        console.print(_online_table(s.online))
     recent = Table("request", "reason", "state", "version", "attempts", "detail", title="last retrains")
     for r in s.recent:
         recent.add_row(r["request"], r["reason"], r["state"], r["version"] or "", str(r["attempts"]), r["detail"][:80])
     console.print(recent)
     for problem in s.problems:
         console.print(f"[yellow]unavailable[/] {problem}")
+
+
+def _online_table(online) -> Table:
+    """Users' feedback per served version: +1 and correction rates are shares of the rated answers."""
+    table = Table("version", "answers", "rated", "+1 rate", "correction rate", title="answer service feedback")
+    for version, stats in sorted(online.items(), key=lambda item: item[0].zfill(8)):
+        rates = [f"{r:.0%}" if r is not None else "-" for r in (stats.up_rate, stats.correction_rate)]
+        table.add_row(f"v{version}", str(stats.answers), str(stats.rated), *rates)
+    return table
 
 
 def register(app: typer.Typer) -> None:

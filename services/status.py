@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
+from schemas.artifacts import OnlineStats
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class SystemStatus:
     """``topic:partition`` -> end offset minus committed offset (end offsets are approximate on Tansu)."""
     recent: list[dict] = field(default_factory=list)
     """Last retrain requests, newest first."""
+    online: dict[str, OnlineStats] = field(default_factory=dict)
+    """Per version the answer service served: answers, ratings, +1 and correction rates (all time)."""
+    outbox_pending: int | None = None
+    """Answers and verified pairs the answer service has not got onto Kafka yet (broker down)."""
     problems: list[str] = field(default_factory=list)
 
 
@@ -47,6 +52,19 @@ def _store_part(settings: Settings, status: SystemStatus) -> None:
         ]
     engine.dispose()
     status.in_flight = next((r for r in status.recent if r["state"] in IN_FLIGHT_STATES), None)
+
+
+def _answers_part(settings: Settings, status: SystemStatus) -> None:
+    from services.answers.records import online_metrics
+    from services.answers.relay import pending_count
+    from services.store import create_schema, make_engine
+
+    engine = make_engine(settings)
+    try:
+        create_schema(engine)  # before the answer service's first start its tables are simply empty
+        status.online, status.outbox_pending = online_metrics(engine), pending_count(engine)
+    finally:
+        engine.dispose()
 
 
 def _ray_part(settings: Settings, status: SystemStatus) -> None:
@@ -85,7 +103,9 @@ def _lag_part(settings: Settings, status: SystemStatus) -> None:
 def collect(settings: Settings) -> SystemStatus:
     """Every part that answers; a part whose service is down becomes a line in ``problems``."""
     status = SystemStatus(threshold=settings.trigger.threshold)
-    for part, service in ((_store_part, "database"), (_ray_part, "Ray"), (_registry_part, "MLflow"), (_lag_part, "broker")):
+    parts = ((_store_part, "database"), (_answers_part, "answer records"), (_ray_part, "Ray"),
+             (_registry_part, "MLflow"), (_lag_part, "broker"))
+    for part, service in parts:
         try:
             part(settings, status)
         except Exception as e:  # status must render whatever is down
