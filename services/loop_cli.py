@@ -27,13 +27,14 @@ def demo(
     events: int = typer.Option(400, help="Production QA events to publish (threshold: 300)"),
     seed: int = typer.Option(7, help="Seed of the event sample"),
     timeout_s: float = typer.Option(1200, help="Give up waiting for the retrain after this long"),
+    questions: int = typer.Option(8, help="Held-out questions the scripted user asks the answer service afterwards"),
 ) -> None:
-    """From nothing: stack, base model, services, events, threshold, Ray training, gate, promotion."""
+    """From nothing: stack, base model, services, events, threshold, Ray training, gate, promotion, served answers."""
     from services.demo import demo_settings, run_demo
 
     settings = demo_settings(settings_of(ctx))
     try:
-        result = run_demo(settings, events, seed, timeout_s, console)
+        result = run_demo(settings, events, seed, timeout_s, console, questions)
     except TimeoutError as e:
         console.print(f"[red]demo did not finish[/]: {e}")
         raise typer.Exit(1) from e
@@ -63,7 +64,26 @@ def _print_demo(settings, result) -> None:
     console.print(timing)
     if result.timeline is not None:
         console.print(_timeline_table(result.timeline))
+    _print_served(settings, result)
     console.print(f"MLflow UI: {settings.mlflow.tracking_uri}   services keep running: `medretrain status`")
+
+
+def _print_served(settings, result) -> None:
+    """The hot swap as a user saw it, the scripted user's reviews, and what they add to the next retrain."""
+    from services.loop.demo_user import CLOSE_ROUGE_L
+
+    before, after, review = result.before_swap, result.after_swap, result.review
+    console.rule("answer service")
+    console.print(f"before the retrain: v{before.model_version} ({before.alias}) answered {before.latency_ms:.0f} ms")
+    console.print(f"after the promotion: v{after.model_version} ({after.alias}) answers, no restart")
+    table = Table("question", "version", "ROUGE-L", "feedback", title="scripted user (reviews from the reference)")
+    for question, answer, rouge in review.answers:
+        verdict = "+1" if rouge >= CLOSE_ROUGE_L else "correction (reference)"
+        table.add_row(question[:80], f"v{answer.model_version}", f"{rouge:.2f}", verdict)
+    console.print(table)
+    console.print(f"{review.ups} rated +1, {review.corrections} corrected: {len(review.event_ids)} verified pairs "
+                  f"stored; rows towards the next retrain: {result.rows_since_snapshot} / "
+                  f"{settings.trigger.threshold}")
 
 
 def _timeline_table(timeline) -> Table:

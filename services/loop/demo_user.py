@@ -29,8 +29,8 @@ SESSION = "demo-user"
 
 @dataclass
 class Review:
-    answers: list[tuple[AnswerResponse, float]] = field(default_factory=list)
-    """Each answer with its ROUGE-L against the reference."""
+    answers: list[tuple[str, AnswerResponse, float]] = field(default_factory=list)
+    """Each question, its answer and the answer's ROUGE-L against the reference."""
     ups: int = 0
     corrections: int = 0
     event_ids: list[uuid.UUID] = field(default_factory=list)
@@ -93,7 +93,7 @@ class ScriptedUser:
         for pair in pairs:
             answer = self.ask(pair.question)
             request, rouge = review_of(answer, pair.answer)
-            review.answers.append((answer, rouge))
+            review.answers.append((pair.question, answer, rouge))
             review.ups += request.corrected_answer is None
             review.corrections += request.corrected_answer is not None
             if (event_id := self.feedback(request).event_id) is not None:
