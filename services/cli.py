@@ -49,7 +49,7 @@ def _root(
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
     # Client libraries narrate every connection at INFO; people want our progress, not theirs.
-    for noisy in ("kafka", "aiokafka", "urllib3", "botocore", "faust", "mode"):
+    for noisy in ("kafka", "aiokafka", "urllib3", "botocore", "faust", "mode", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
         ctx.obj = load_settings(overrides)
