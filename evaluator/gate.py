@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import math
 import operator
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator

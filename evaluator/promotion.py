@@ -193,7 +193,8 @@ def promote(settings: Settings, version: str, actor: str, reason: str = "", forc
         why = (
             "was rejected"
             if mv.tags.get("rejected") == "true"
-            else f"did not pass the gate (gate={mv.tags.get('gate')}, failed: {mv.tags.get('gate.failed_rules') or '-'})"
+            else f"did not pass the gate (gate={mv.tags.get('gate')}, "
+            f"failed: {mv.tags.get('gate.failed_rules') or '-'})"
         )
         raise RegistryError(f"{name} version {version} {why}: promote it with --force --reason '...'")
     if force and not reason.strip():

@@ -218,8 +218,8 @@ def insert_live_questions(conn: Connection, rows: Sequence[dict[str, Any]]) -> I
     else:
         raise NotImplementedError(f"live question inserts are implemented for postgresql and sqlite, not "
                                   f"{conn.dialect.name}")
-    stmt = insert(LiveQuestionRow).on_conflict_do_nothing(index_elements=["answer_id"]).returning(LiveQuestionRow.row_id)
-    new = len(conn.execute(stmt, list(rows)).all())
+    stmt = insert(LiveQuestionRow).on_conflict_do_nothing(index_elements=["answer_id"])
+    new = len(conn.execute(stmt.returning(LiveQuestionRow.row_id), list(rows)).all())
     return InsertResult(new=new, duplicates=len(rows) - new)
 
 

@@ -62,7 +62,8 @@ def test_a_fresh_candidate_has_no_online_metrics_and_says_why():
 
 def test_too_few_ratings_keep_the_counts_but_not_the_rates():
     cand, base, why = online_part(evidence(cand_rated=4, cand_up=0, base_rated=50, base_up=45), SETTINGS)
-    assert (cand, base) == ({"online.answers": 9.0, "online.rated": 4.0}, {"online.answers": 59.0, "online.rated": 50.0})
+    assert cand == {"online.answers": 9.0, "online.rated": 4.0}
+    assert base == {"online.answers": 59.0, "online.rated": 50.0}
     assert why == ("not enough ratings: candidate v4 has 4 rated answers since 2026-12-06 21:00 UTC "
                    "(evaluate.min_online_ratings=10)")
     again = regate(SETTINGS, judged_offline(), evidence(4, 0, 50, 45))

@@ -115,6 +115,7 @@ def test_served_answers_become_live_questions_once_and_bad_ones_are_dead_lettere
     assert (result.new, refused) == (1, [])
     store_batch(sqlite_engine, batch.rows, batch.live)  # a redelivery stores nothing twice
     with sqlite_engine.connect() as conn:
-        live = conn.execute(select(LiveQuestionRow.answer_id, LiveQuestionRow.question).order_by(LiveQuestionRow.row_id))
+        columns = (LiveQuestionRow.answer_id, LiveQuestionRow.question)
+        live = conn.execute(select(*columns).order_by(LiveQuestionRow.row_id))
         assert live.all() == [(str(a.answer_id), a.question) for a in answers]
         assert conn.execute(select(func.count()).select_from(QAEventRow)).scalar_one() == 1
