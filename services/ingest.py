@@ -13,7 +13,7 @@ import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -25,6 +25,8 @@ from schemas.settings import Settings
 from services.store import InsertResult, insert_events, insert_live_questions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", QAEvent, AnswerEvent)
 
 _TEXT_FIELDS = ("question", "answer", "source", "qtype", "focus", "model_version")
 
@@ -75,26 +77,27 @@ def _classify(error: ValidationError) -> Rejection:
     return Rejection("schema", detail)
 
 
-def _decoded(raw: bytes | None, max_bytes: int) -> str | Rejection:
+def _parsed(raw: bytes | None, max_bytes: int, contract: type[T]) -> T | Rejection:
+    """The record decoded and validated as ``contract``, or why not."""
     if raw is None:
         return Rejection("empty_record", "record has no value")
     if len(raw) > max_bytes:
         return Rejection("oversize", f"{len(raw)} bytes > {max_bytes}")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return Rejection("undecodable", f"value is not UTF-8: {e}")
+    try:
+        return contract.model_validate_json(text)
+    except ValidationError as e:
+        return _classify(e)
 
 
 def validate_record(raw: bytes | None, max_bytes: int, max_text_chars: int) -> QAEvent | Rejection:
     """A QAEvent, or why the record cannot be accepted. Never raises on input."""
-    text = _decoded(raw, max_bytes)
-    if isinstance(text, Rejection):
-        return text
-    try:
-        event = QAEvent.model_validate_json(text)
-    except ValidationError as e:
-        return _classify(e)
+    event = _parsed(raw, max_bytes, QAEvent)
+    if isinstance(event, Rejection):
+        return event
     too_long = [name for name in ("question", "answer") if len(getattr(event, name)) > max_text_chars]
     if too_long:
         return Rejection("too_long", f"{', '.join(too_long)} longer than {max_text_chars} characters")
@@ -107,14 +110,8 @@ def validate_record(raw: bytes | None, max_bytes: int, max_text_chars: int) -> Q
 
 def validate_answer(raw: bytes | None, max_bytes: int) -> AnswerEvent | Rejection:
     """An AnswerEvent from ``kafka.answers_topic``, or why it cannot be a live question. Never raises on input."""
-    text = _decoded(raw, max_bytes)
-    if isinstance(text, Rejection):
-        return text
-    try:
-        answer = AnswerEvent.model_validate_json(text)
-    except ValidationError as e:
-        return _classify(e)
-    if "\x00" in answer.question + answer.model_version:
+    answer = _parsed(raw, max_bytes, AnswerEvent)
+    if not isinstance(answer, Rejection) and "\x00" in answer.question + answer.model_version:
         return Rejection("nul_character", "NUL character in question or model_version")
     return answer
 
