@@ -8,7 +8,7 @@ questions, seeded). Windows of ``drift.window_size`` questions:
 
 - null: held-out MedQuAD (validation + test documents) against the train reference: any alarm is false;
 - ``rare_sources``: production-split questions of sources under 5% of the reference;
-- ``consumer_style``: consumer-style questions (services/drift_shifts.py) about production topics, with
+- ``consumer_style``: consumer-style questions (tests/services/trigger/drift_shifts.py) about production topics, with
   source and qtype drawn from the reference, so only the embedding and length tests can see them;
 - ``consumer_mix_25``: a quarter consumer-style, the rest held-out MedQuAD (a partial shift).
 
@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "services" / "trigger")]  # drift_shifts: the shifted-stream fixture
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from drift_shifts import consumer_questions  # noqa: E402
 from schemas.settings import DriftSettings, load_settings  # noqa: E402
-from services.drift import QuestionSample, detect  # noqa: E402
-from services.drift_reference import Row, medquad_rows, sample_reference  # noqa: E402
-from services.drift_shifts import consumer_questions  # noqa: E402
-from services.embeddings import embed  # noqa: E402
+from services.trigger.drift import QuestionSample, detect  # noqa: E402
+from services.trigger.drift_reference import Row, medquad_rows, sample_reference  # noqa: E402
+from services.trigger.embeddings import embed  # noqa: E402
 
 log = logging.getLogger("bench.drift")
 

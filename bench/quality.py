@@ -106,7 +106,7 @@ def job_time(settings: Settings, ray_job_id: str, run_id: str, log_path: Path) -
     """Where the Ray job's time went, from Ray and the run's step metrics; its log is saved to ``log_path``."""
     from ray.job_submission import JobSubmissionClient
 
-    from services.timeline import training_window
+    from services.loop.timeline import training_window
     from trainer.tracking import client
 
     jobs = JobSubmissionClient(settings.ray.address)
@@ -126,7 +126,7 @@ def retrain_round(settings: Settings, start, timeout_s: float, log_path: Path) -
     """Wait for the retrain that ``start()`` sets off to reach a final phase: phases, verdict, training figures."""
     from evaluator.evaluate import read_decision
     from schemas.events import utcnow
-    from services.demo import FINAL_PHASES, wait_for_final
+    from services.loop.demo import FINAL_PHASES, wait_for_final
     from trainer.tracking import latest_metrics
 
     since = utcnow()
@@ -197,7 +197,7 @@ def decoding(settings: Settings, versions: list[str]) -> dict[str, dict[str, dic
 def production_set(settings: Settings, run_id: str):
     """The production set a run's gate used: its snapshot's evaluation slice, in the gate's seeded order."""
     from evaluator.evaluate import build_eval_set, candidate_from_run
-    from trainer.snapshots import read_snapshot
+    from trainer.snapshot_reader import read_snapshot
 
     snapshot_id = candidate_from_run(settings, run_id).lineage.snapshot_id
     if not snapshot_id:
@@ -209,10 +209,10 @@ def production_set(settings: Settings, run_id: str):
 def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: float, results: Results, last: str,
         skip: list[str]) -> None:
     from evaluator.evaluate import measure_version
-    from services import publisher
-    from services.demo import start_services, unseen_events
+    from services.stream import publisher
+    from services.loop.demo import start_services, unseen_events
     from services.store import create_schema, make_engine
-    from services.trigger import emit_manual
+    from services.trigger.trigger import emit_manual
     from trainer.registry import bootstrap
     from trainer.tune import run_tune
 

@@ -58,7 +58,7 @@ def down_command(
     from rich.console import Console
 
     from deploy import stack
-    from deploy.services.postgres import drop_databases
+    from deploy.embedded.postgres import drop_databases
     from services.cli import settings_of
 
     settings, console = settings_of(ctx), Console()

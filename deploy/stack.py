@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from deploy import process
 from deploy.process import ServiceError
-from deploy.services import Service, kafka, mlflow, ray, s3
-from deploy.services.postgres import existing_databases
+from deploy.embedded import Service, kafka, mlflow, ray, s3
+from deploy.embedded.postgres import existing_databases
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)

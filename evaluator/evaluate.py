@@ -78,7 +78,7 @@ def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
     if not lineage.snapshot_id:
         log.warning("candidate has no snapshot: no production slice, production rules follow their on_missing")
         return sets
-    from trainer.snapshots import read_snapshot
+    from trainer.snapshot_reader import read_snapshot
 
     _, _, production = read_snapshot(settings, lineage.snapshot_id)
     if production:

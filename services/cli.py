@@ -4,7 +4,7 @@
     medretrain --set trigger.threshold=500 stack up
 
 Each stage registers its own commands (``register(app)`` in ``deploy/cli.py``,
-``trainer/cli.py``, ``evaluator/cli.py``, ``services/*_cli.py``); heavy imports stay
+``trainer/cli.py``, ``evaluator/cli.py``, ``services/<stage>/cli.py``); heavy imports stay
 inside the commands so ``--help`` is instant.
 """
 
@@ -26,9 +26,9 @@ COMMAND_MODULES = (
     "trainer.cli",
     "trainer.assets_cli",
     "evaluator.cli",
-    "services.stream_cli",
-    "services.loop_cli",
-    "services.drift_cli",
+    "services.stream.cli",
+    "services.loop.cli",
+    "services.trigger.cli",
 )
 
 

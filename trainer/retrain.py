@@ -86,7 +86,7 @@ def training_rows(
 ) -> tuple[SnapshotManifest | None, list[QAPair], list[QAPair]]:
     """(manifest, train rows = snapshot + MedQuAD replay, validation rows from MedQuAD), all seeded."""
     from trainer.medquad import load_medquad
-    from trainer.snapshots import read_snapshot
+    from trainer.snapshot_reader import read_snapshot
 
     cfg = settings.train
     manifest, new_rows = None, []

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy.services.mlflow import backend_store_uri
-from deploy.services.postgres import ensure_database
+from deploy.embedded.mlflow import backend_store_uri
+from deploy.embedded.postgres import ensure_database
 from schemas.settings import load_settings, with_overrides
 
 

@@ -55,7 +55,7 @@ def test_service_env_drops_caller_settings(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_service_that_dies_during_start_up_is_launched_again(tmp_path: Path) -> None:
     """A start-up race (Ray's raylet, ray#65983) gets ``start_attempts`` launches; with one, the first exit fails the start."""
     from deploy import stack
-    from deploy.services import Service
+    from deploy.embedded import Service
     from schemas.settings import load_settings, with_overrides
 
     settings = with_overrides(load_settings(), {"stack": {"home": str(tmp_path), "start_timeout_s": 30}})

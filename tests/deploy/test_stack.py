@@ -12,7 +12,7 @@ import pytest
 
 from deploy import process, stack as embedded
 from deploy.clients import boto3_s3, credentials_file, ensure_topics, topic_names
-from deploy.services import host_port
+from deploy.embedded import host_port
 from schemas.settings import Settings, with_overrides
 
 pytestmark = pytest.mark.integration

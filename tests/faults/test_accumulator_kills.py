@@ -22,7 +22,7 @@ from stream_events import build_event
 from stream_stack import read_topic, start_accumulator, stop, stored_count, stored_ids, wait_for
 
 from schemas.events import DeadLetter
-from services.publisher import make_producer, publish
+from services.stream.publisher import make_producer, publish
 
 pytestmark = pytest.mark.integration
 

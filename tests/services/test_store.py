@@ -11,7 +11,7 @@ from stream_events import build_event
 
 from schemas.events import RetrainRequest
 from schemas.settings import load_settings
-from services.ingest import SourceRecord, event_row
+from services.stream.ingest import SourceRecord, event_row
 from services.store import (
     QAEventRow,
     RetrainRequestRow,
