@@ -107,7 +107,7 @@ def job_time(settings: Settings, ray_job_id: str, run_id: str, log_path: Path) -
     from ray.job_submission import JobSubmissionClient
 
     from services.loop.timeline import training_window
-    from trainer.tracking import client
+    from deploy.registry import mlflow_client as client
 
     jobs = JobSubmissionClient(settings.ray.address)
     log_path.write_text(jobs.get_job_logs(ray_job_id))

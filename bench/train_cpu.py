@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from schemas.events import RetrainRequest  # noqa: E402
 from schemas.settings import Settings, load_settings, with_overrides  # noqa: E402
+from deploy.registry import KIND_TAG, mlflow_client  # noqa: E402
 from trainer import tracking  # noqa: E402
 from trainer.retrain import build_torch_trainer, connect_ray, rows_payload, training_rows  # noqa: E402
 
@@ -47,14 +48,14 @@ def measure(settings: Settings, base_version: str, rows: tuple[list, list]) -> d
     """One Ray Train run; medians of the per-step metrics its rank 0 logged to MLflow."""
     cfg = settings.train
     name = f"bench-{uuid.uuid4().hex[:8]}-w{cfg.num_workers}"
-    run_id = tracking.open_run(settings, {tracking.KIND_TAG: "bench"}, run_name=name)
+    run_id = tracking.open_run(settings, {KIND_TAG: "bench"}, run_name=name)
     loop_config = {"settings": settings.model_dump_json(), "model_version": base_version, "run_id": run_id,
                    "train_rows": rows_payload(rows[0]), "val_rows": rows_payload(rows[1])}  # fmt: skip
     started = time.perf_counter()
     with tracking.finishing(settings, run_id):
         build_torch_trainer(settings, name, loop_config).fit()
     wall = time.perf_counter() - started
-    client = tracking.client(settings)
+    client = mlflow_client(settings)
 
     def steady(metric: str) -> list[float]:
         history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)

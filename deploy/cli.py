@@ -25,7 +25,7 @@ def up_command(ctx: typer.Context) -> None:
 
     from deploy import stack
     from deploy.process import ServiceError
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     settings = settings_of(ctx)
     console = Console()
@@ -59,7 +59,7 @@ def down_command(
 
     from deploy import stack
     from deploy.embedded.postgres import drop_databases
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     settings, console = settings_of(ctx), Console()
     for name in stack.APP_SERVICES:
@@ -78,7 +78,7 @@ def status_command(ctx: typer.Context) -> None:
     from rich.console import Console
 
     from deploy import stack
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     statuses = stack.status(settings_of(ctx))
     _print_status(Console(), statuses)
@@ -93,7 +93,7 @@ def check_command(ctx: typer.Context) -> None:
     from rich.table import Table
 
     from deploy.probe import check
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     logging.getLogger("kafka").setLevel(logging.WARNING)
     results = check(settings_of(ctx))
@@ -111,7 +111,7 @@ def topics_command(ctx: typer.Context) -> None:
     from rich.console import Console
 
     from deploy.clients import ensure_topics, topic_names
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     settings = settings_of(ctx)
     logging.getLogger("kafka").setLevel(logging.WARNING)

@@ -145,17 +145,17 @@ def loss_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 def report_link(settings: Settings, run_id: str) -> str:
     """Where a person opens the report: the run's artifact page in the MLflow UI."""
-    from trainer.registry import registry_client
+    from deploy.registry import mlflow_client
 
-    experiment = registry_client(settings).get_run(run_id).info.experiment_id
+    experiment = mlflow_client(settings).get_run(run_id).info.experiment_id
     return f"{settings.mlflow.tracking_uri}/#/experiments/{experiment}/runs/{run_id}/artifacts/{REPORT_DIR}/report.html"
 
 
 def log_report(settings: Settings, verdict: Verdict, samples: dict[str, list[dict]]) -> str:
     """Build the report and log it to the candidate run; returns its link."""
-    from trainer.registry import registry_client
+    from deploy.registry import mlflow_client
 
-    client = registry_client(settings)
+    client = mlflow_client(settings)
     with tempfile.TemporaryDirectory(prefix="medretrain-report-") as tmp:
         build_report(Path(tmp), verdict, samples, loss_history(client, verdict.candidate_run_id))
         client.log_artifacts(verdict.candidate_run_id, tmp, artifact_path=REPORT_DIR)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.events import describe_errors
+
 Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 
 
@@ -351,8 +353,7 @@ def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> Settings:
             return from_env
         return Settings.model_validate(_merge(from_env.model_dump(), parse_overrides(overrides)))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"invalid settings: {problems}") from e
+        raise ValueError(f"invalid settings: {describe_errors(e, whole='settings')}") from e
 
 
 def with_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from schemas.settings import Settings, load_settings
+from schemas.settings import load_settings
 
 console = Console()
 
@@ -30,11 +30,6 @@ COMMAND_MODULES = (
     "services.loop.cli",
     "services.trigger.cli",
 )
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    """The Settings built by the root callback (env + ``--set`` overrides)."""
-    return ctx.find_root().obj
 
 
 def _root(

@@ -1,6 +1,8 @@
 """`medretrain` commands that run and show the whole loop.
 
     medretrain serve orchestrator
+    medretrain train --request rr-threshold-1200-ab12cd34ef567890     # a stored request (or its JSON)
+    medretrain --set train.max_steps=20 train --reason manual           # an ad-hoc request, MedQuAD replay only
     medretrain demo
     medretrain ask "What are the symptoms of glaucoma?"
     medretrain status
@@ -8,10 +10,13 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 from rich.table import Table
 
-from services.cli import console, settings_of
+from deploy.cli_context import settings_of
+from services.cli import console
 from services.stream.cli import serve_group
 
 
@@ -20,6 +25,54 @@ def orchestrator(ctx: typer.Context) -> None:
     from services.loop.orchestrator import serve
 
     serve(settings_of(ctx))
+
+
+def _manual_request(reason: str, snapshot: str | None):
+    from schemas.events import RetrainRequest
+
+    # A manual request is new each time (salted by the clock); resubmit with --request <id> to resume one.
+    salt = f"{snapshot or ''}:{time.time_ns()}"
+    return RetrainRequest(
+        request_id=RetrainRequest.derive_id(reason, 0, salt),
+        reason=reason,
+        watermark=0,
+        snapshot_id=snapshot,
+        requested_by="cli",
+        evidence={"operator": "medretrain train"},
+    )
+
+
+def _given_request(settings, value: str):
+    """A RetrainRequest given as JSON, or the id of one stored by the trigger (resolved here, before Ray)."""
+    from schemas.events import RetrainRequest
+    from services.store import load_request
+
+    if value.lstrip().startswith("{"):
+        return RetrainRequest.model_validate_json(value)
+    return load_request(settings, value)
+
+
+def train(
+    ctx: typer.Context,
+    request: str | None = typer.Option(None, "--request", help="RetrainRequest JSON or the id of a stored request"),
+    reason: str = typer.Option("manual", "--reason", help="Reason of an ad-hoc request (without --request)"),
+    snapshot: str | None = typer.Option(None, "--snapshot", help="Snapshot id for an ad-hoc request"),
+) -> None:
+    """Retrain LoRA from the champion with Ray Train (resumes a request trained before)."""
+    from trainer import run
+
+    settings = settings_of(ctx)
+    if request is not None and snapshot is not None:
+        raise typer.BadParameter("--snapshot belongs to an ad-hoc request; a stored request names its own snapshot")
+    if reason not in ("threshold", "drift", "manual"):
+        raise typer.BadParameter(f"--reason must be threshold, drift or manual, not {reason!r}")
+    try:
+        retrain_request = _given_request(settings, request) if request else _manual_request(reason, snapshot)
+    except (KeyError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"training request [bold]{retrain_request.request_id}[/bold]")
+    adapter = run(settings, retrain_request)
+    console.print_json(adapter.model_dump_json())
 
 
 def demo(
@@ -135,6 +188,7 @@ def status(ctx: typer.Context) -> None:
 def register(app: typer.Typer) -> None:
     """Add these commands to the root app."""
     serve_group(app).command("orchestrator")(orchestrator)
+    app.command()(train)
     app.command()(demo)
     app.command()(ask)
     app.command()(status)

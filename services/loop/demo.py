@@ -129,7 +129,7 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
 
     from deploy import stack
     from evaluator.evaluate import measure_champion, medquad_set
-    from evaluator.promotion import alias_version, open_registry
+    from deploy.registry import CHAMPION, alias_version, open_registry
     from schemas.events import utcnow
     from services.stream import publisher
     from trainer.registry import bootstrap, resolve
@@ -149,12 +149,12 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
     with stage("base model in the registry"):
         bootstrap(settings)
         client, name = open_registry(settings)
-        result.champion_before = alias_version(client, name, "champion")
+        result.champion_before = alias_version(client, name, CHAMPION)
     with stage("accumulator + orchestrator started"):
         start_services(settings)
     # Meanwhile the orchestrator warms up (imports, text metric), off the path measured below.
     with stage("champion scored on the MedQuAD held-out set (once per champion)"):
-        measure_champion(settings, resolve(settings, "champion"), [medquad_set(settings)])
+        measure_champion(settings, resolve(settings, CHAMPION), [medquad_set(settings)])
     since = utcnow()
     with stage(f"{events} production QA events published") as spinner:
         summary = publisher.publish(settings, unseen_events(settings, events, seed))
@@ -163,7 +163,7 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
         seen = wait_for_final(settings, since, timeout_s, show=lambda m: spinner.update(m))
     result.final = next(seen[p] for p in FINAL_PHASES if p in seen)
     result.request_id = result.final.request_id
-    result.champion_after = alias_version(client, name, "champion")
+    result.champion_after = alias_version(client, name, CHAMPION)
     if "started" in seen and result.final.run_id:
         result.timeline = retrain_timeline(settings, result.request_id, seen["started"], result.final)
     return result

@@ -151,9 +151,10 @@ class Orchestrator:
     def finish(self, row: Row) -> None:
         """Gate the trained candidate and apply the verdict; idempotent if interrupted midway."""
         from evaluator import evaluate, promotion
+        from deploy.registry import REQUEST_TAG
         from trainer import tracking
 
-        run_id = tracking.find_run(self.settings, tracking.REQUEST_TAG, row.request_id, kind="retrain")
+        run_id = tracking.find_run(self.settings, REQUEST_TAG, row.request_id, kind="retrain")
         if run_id is None:
             self.retry_or_fail(row, "SUCCEEDED without an MLflow run")
             return

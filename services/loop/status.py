@@ -58,11 +58,11 @@ def _ray_part(settings: Settings, status: SystemStatus) -> None:
 
 
 def _registry_part(settings: Settings, status: SystemStatus) -> None:
-    from evaluator.promotion import alias_version, open_registry
+    from deploy.registry import CHALLENGER, CHAMPION, alias_version, open_registry
 
     client, name = open_registry(settings)
-    status.champion = alias_version(client, name, "champion")
-    status.challenger = alias_version(client, name, "challenger")
+    status.champion = alias_version(client, name, CHAMPION)
+    status.challenger = alias_version(client, name, CHALLENGER)
 
 
 def _lag_part(settings: Settings, status: SystemStatus) -> None:

@@ -16,7 +16,8 @@ from typing import Literal, TextIO
 
 import typer
 
-from services.cli import console, settings_of
+from deploy.cli_context import settings_of
+from services.cli import console
 
 
 def serve_group(app: typer.Typer) -> typer.Typer:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from schemas.events import DeadLetter, QAEvent
+from schemas.events import DeadLetter, QAEvent, describe_errors
 from schemas.settings import Settings
 from services.store import InsertResult, insert_events
 
@@ -58,7 +58,7 @@ class Batch:
 def _classify(error: ValidationError) -> Rejection:
     """Name the first problem class that explains the failure; the detail lists every problem."""
     problems = error.errors()
-    detail = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'record'}: {p['msg']}" for p in problems)[:1000]
+    detail = describe_errors(error)[:1000]
     types = {p["type"] for p in problems}
     locs = {p["loc"][0] for p in problems if p["loc"]}
     if types & {"json_invalid", "json_type"}:

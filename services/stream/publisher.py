@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from schemas.events import QAEvent
+from schemas.events import QAEvent, describe_errors
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,6 @@ def derive_event_id(question: str, answer: str) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, f"{question.strip()}\x1f{answer.strip()}")
 
 
-def _problems(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, p['loc'])) or 'record'}: {p['msg']}" for p in error.errors())
-
-
 def parse_record(line: int, record: Any) -> QAEvent | BadLine:
     """Validate one decoded record; fill a missing event_id from its question and answer."""
     if not isinstance(record, dict):
@@ -72,7 +68,7 @@ def parse_record(line: int, record: Any) -> QAEvent | BadLine:
     try:
         return QAEvent.model_validate(record)
     except ValidationError as e:
-        return BadLine(line, _problems(e))
+        return BadLine(line, describe_errors(e))
 
 
 def read_jsonl(lines: Iterable[str]) -> Iterator[QAEvent | BadLine]:

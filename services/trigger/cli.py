@@ -12,7 +12,8 @@ import threading
 
 import typer
 
-from services.cli import console, settings_of
+from deploy.cli_context import settings_of
+from services.cli import console
 from services.stream.cli import serve_group
 
 

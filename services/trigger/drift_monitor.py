@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 DRIFT_KIND = "drift"
 """``medretrain.kind`` of drift report runs."""
 CHAMPION_TAG = "medretrain.champion_version"
-REQUEST_TAG = "medretrain.request_id"
 
 
 @dataclass(frozen=True)
@@ -108,11 +107,12 @@ def log_report(settings: Settings, champion: str, reference: QuestionSample, win
     """An MLflow run holding the report; ``signal(run_id)`` runs inside it and its outcome is tagged."""
     import matplotlib.pyplot as plt
 
-    from trainer.tracking import KIND_TAG, client, finishing, log_json, open_run
+    from deploy.registry import KIND_TAG, REQUEST_TAG, mlflow_client
+    from trainer.tracking import finishing, log_json, open_run
 
     tags = {KIND_TAG: DRIFT_KIND, CHAMPION_TAG: champion, "medretrain.window_last_row_id": str(window.last_row_id)}
     run_id = open_run(settings, tags, run_name=f"drift-v{champion}-row{window.last_row_id}")
-    mlflow = client(settings)
+    mlflow = mlflow_client(settings)
     with finishing(settings, run_id):
         report = result.evidence() | {"champion_version": champion, "window_last_row_id": window.last_row_id}
         log_json(settings, run_id, "drift_report.json", report)

@@ -123,7 +123,7 @@ def _download(client, run_id: str, folder: Path) -> tuple[QuestionSample, dict[s
 def load_or_build(settings: Settings, engine: Engine, version: str,
                   on_batch: Callable[[int], None] | None = None) -> QuestionSample:
     """The reference of registered ``version``: from its run's artifacts, else built and logged there."""
-    from evaluator.promotion import open_registry
+    from deploy.registry import open_registry
 
     client, name = open_registry(settings)
     run_id = client.get_model_version(name, str(version)).run_id
@@ -148,8 +148,7 @@ def load_or_build(settings: Settings, engine: Engine, version: str,
 
 def champion_version(settings: Settings) -> str:
     """The version the ``champion`` alias points at; LookupError before a bootstrap."""
-    from evaluator.promotion import alias_version, open_registry
-    from trainer.registry import CHAMPION
+    from deploy.registry import CHAMPION, alias_version, open_registry
 
     from mlflow.exceptions import MlflowException
 

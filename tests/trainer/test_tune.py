@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, with_overrides
+from deploy.registry import KIND_TAG
 from trainer import tracking
 from trainer.registry import bootstrap
 from trainer.retrain import effective_settings, steps_from_epochs
@@ -58,11 +59,11 @@ def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_
 
     client = MlflowClient(settings.mlflow.tracking_uri)
     parents = client.search_runs(
-        [tracking.experiment_id(settings)], filter_string=f"tags.`{tracking.KIND_TAG}` = 'tune'", order_by=["attributes.start_time DESC"], max_results=1
+        [tracking.experiment_id(settings)], filter_string=f"tags.`{KIND_TAG}` = 'tune'", order_by=["attributes.start_time DESC"], max_results=1
     )
     parent = parents[0]
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 2 and all(c.data.tags[tracking.KIND_TAG] == "tune-trial" for c in children)
+    assert len(children) == 2 and all(c.data.tags[KIND_TAG] == "tune-trial" for c in children)
     assert all("val_loss" in c.data.metrics for c in children)
     assert json.loads((tmp_path / "best.json").read_text()) == best
     assert {"lr", "micro_batch_size", "lora", "epochs"} == set(best) and best["epochs"] in (0.5, 1)

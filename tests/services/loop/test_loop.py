@@ -13,7 +13,7 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 from sqlalchemy import select
 
-from evaluator.promotion import alias_version, open_registry
+from deploy.registry import CHAMPION, REQUEST_TAG, alias_version, open_registry
 from schemas.events import RetrainStatus
 from services.loop.orchestrator import submission_id
 from services.stream.publisher import medquad_events, publish
@@ -103,7 +103,7 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         assert 0 < timeline.trigger_latency_s and 0 < timeline.training_s < timeline.ray_job_s < timeline.total_s
 
         client, name = open_registry(settings)
-        assert alias_version(client, name, "champion") == done.model_version != "1"
+        assert alias_version(client, name, CHAMPION) == done.model_version != "1"
         tags = client.get_model_version(name, done.model_version).tags
         assert tags["lineage.parent_version"] == "1"
         assert tags["lineage.request_id"] == request_id
@@ -121,7 +121,7 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         assert second.phase == "promoted", second.detail
         reattached = submission_id(settings.mlflow.registered_model, manual.request_id, 1)
         assert jobs_of(settings, manual.request_id) == [reattached]
-        run_id = tracking.find_run(settings, tracking.REQUEST_TAG, manual.request_id, kind="retrain")
+        run_id = tracking.find_run(settings, REQUEST_TAG, manual.request_id, kind="retrain")
         assert tracking.run_param(settings, run_id, "max_steps") == "6"
         assert client.get_model_version(name, second.model_version).tags["lineage.parent_version"] == done.model_version
     finally:

@@ -142,8 +142,7 @@ def test_drift_on_a_single_source_window_names_the_source(reference):
 
 def _register_champion(settings) -> str:
     """A registered base version whose run will hold the drift reference (no weights needed for drift)."""
-    from evaluator.promotion import open_registry
-    from trainer.registry import CHAMPION
+    from deploy.registry import CHAMPION, open_registry
     from trainer.tracking import log_json, open_run
 
     client, name = open_registry(settings)
@@ -187,7 +186,7 @@ def test_drift_emits_one_request_per_cooldown_with_evidence_in_mlflow(stack, cap
 
     from schemas.events import RetrainRequest
     from services.trigger.drift_monitor import DriftMonitor
-    from trainer.tracking import client
+    from deploy.registry import mlflow_client as client
 
     suffix = uuid.uuid4().hex[:10]
     env = open_env(stack, {"mlflow.registered_model": f"drift-test-{suffix}", "drift.window_size": SMALL.window_size,
