@@ -124,7 +124,7 @@ def job_time(settings: Settings, ray_job_id: str, run_id: str, log_path: Path) -
 
 def retrain_round(settings: Settings, start, timeout_s: float, log_path: Path) -> dict[str, Any]:
     """Wait for the retrain that ``start()`` sets off to reach a final phase: phases, verdict, training figures."""
-    from evaluator.evaluate import read_decision
+    from evaluator.decision import read_decision
     from schemas.events import utcnow
     from services.loop.demo import FINAL_PHASES, wait_for_final
     from trainer.tracking import latest_metrics

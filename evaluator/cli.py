@@ -48,12 +48,13 @@ def evaluate_command(
     ctx: typer.Context, run_id: str = typer.Option(..., "--run", help="MLflow run id of a training run")
 ) -> None:
     """Evaluate a trained adapter against the champion, record the decision and register it."""
-    from evaluator.evaluate import candidate_from_run, run
+    import evaluator
+    from evaluator.evaluate import candidate_from_run
     from evaluator.report import report_link
 
     settings = _settings(ctx)
     try:
-        verdict = run(settings, candidate_from_run(settings, run_id))
+        verdict = evaluator.run(settings, candidate_from_run(settings, run_id))
     except (LookupError, ValueError, RuntimeError) as e:
         raise _fail(e) from e
     _print_rules(verdict)
@@ -111,7 +112,7 @@ def review_command(
 ) -> None:
     """Champion vs challenger: metrics, deltas, rule verdicts, sample answers, report link."""
     from deploy.registry import CHALLENGER, CHAMPION, alias_version, open_registry
-    from evaluator.evaluate import read_decision
+    from evaluator.decision import read_decision
     from evaluator.report import report_link
 
     settings = _settings(ctx)

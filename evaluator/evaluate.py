@@ -310,17 +310,6 @@ def record_decision(settings: Settings, verdict: Verdict, samples: dict, seconds
     mlflow_client(settings).log_batch(run_id, metrics=metrics, tags=tags)
 
 
-def read_decision(settings: Settings, run_id: str) -> tuple[Verdict, dict]:
-    """(verdict, sample answers) recorded on a candidate run by :func:`record_decision`."""
-    import mlflow
-
-    from deploy.clients import use_mlflow
-
-    use_mlflow(settings)
-    verdict = Verdict.model_validate_json(mlflow.artifacts.load_text(f"runs:/{run_id}/decision.json"))
-    return verdict, json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/eval/samples.json"))
-
-
 def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:
     """The trainer's TrainedAdapter, read from the finished training run's ``trained_adapter.json``."""
     import mlflow

@@ -257,7 +257,7 @@ class OrchestratorSettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
     """Longest wait for a request on the topic between two looks at the running job."""
     max_step_s: float = Field(3600.0, gt=0)
-    """Longest expected gap between two consumer polls (an evaluation runs in between)."""
+    """Longest expected gap between two consumer polls (the Kafka max poll interval of the orchestrator)."""
 
 
 class EvalSettings(_Section):

@@ -96,7 +96,7 @@ def demo(
 
 
 def _print_demo(settings, result) -> None:
-    from evaluator.evaluate import read_decision
+    from evaluator.decision import read_decision
 
     final = result.final
     console.rule("demo summary")

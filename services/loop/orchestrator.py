@@ -1,14 +1,16 @@
-"""Orchestrator: ``retrain.requests`` -> Ray job -> evaluator gate -> promotion.
+"""Orchestrator: ``retrain.requests`` -> Ray training job -> Ray gate job -> ``retrain.status``.
 
     medretrain serve orchestrator
 
 State lives in the ``retrain_requests`` table, so a restarted orchestrator carries on
-where it stopped. One retrain runs at a time. Each attempt has a deterministic Ray
-submission id (``medretrain-<request>-a<n>``), written to the database *before* the
-job is submitted: after a crash the orchestrator finds the id, asks Ray for it and
-reattaches (or submits it, if the crash came first) — never a second job for one attempt.
-A failed job is retried ``orchestrator.max_attempts`` times, then marked failed with
-the reason; the registry is only touched after a job succeeded, through the evaluator.
+where it stopped. One retrain runs at a time. Each attempt has deterministic Ray
+submission ids (``medretrain-<model>-<request>-a<n>`` for training, the same with ``-gate``
+for the evaluator gate), each written to the database *before* its job is submitted: after a
+crash the orchestrator finds the id, asks Ray for it and reattaches (or submits it, if the
+crash came first) — never a second job for one attempt. The gate runs where training ran
+(``python -m evaluator.gate_job``), so this process never loads torch. A failed job is retried
+``orchestrator.max_attempts`` times, then marked failed with the reason; the registry is only
+touched by the gate job, and the final phase is read back from the decision it recorded.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def submission_id(model: str, request_id: str, attempt: int) -> str:
     return f"medretrain-{model}-{request_id}-a{attempt}"
 
 
+def gate_submission_id(model: str, request_id: str, attempt: int) -> str:
+    """The gate job that judges one training attempt's run."""
+    return f"{submission_id(model, request_id, attempt)}-gate"
+
+
 def record_request(engine: Engine, request: RetrainRequest) -> bool:
     """Store a request seen on the topic (the trigger usually stored it already); True while it awaits its first job."""
     with engine.begin() as conn:
@@ -57,9 +64,9 @@ def record_request(engine: Engine, request: RetrainRequest) -> bool:
 
 
 def next_request(engine: Engine) -> Row | None:
-    """The retrain to work on: one already started (reattach) first, else the oldest requested."""
+    """The retrain to work on: one already in a job (reattach) first, else the oldest requested."""
     with engine.connect() as conn:
-        for state in ("started", "requested"):
+        for state in ("evaluating", "started", "requested"):
             stmt = select(RetrainRequestRow).where(RetrainRequestRow.state == state)
             row = conn.execute(stmt.order_by(RetrainRequestRow.created_at).limit(1)).first()
             if row is not None:
@@ -123,24 +130,32 @@ class Orchestrator:
         self.publish(row.request_id, "started", ray_job_id=job_id, detail=f"attempt {attempt}")
 
     def follow(self, row: Row) -> None:
+        gating = row.state == "evaluating"
+        job_id = row.gate_job_id if gating else row.ray_job_id
         try:
-            status = str(self.jobs.get_job_status(row.ray_job_id))
+            status = str(self.jobs.get_job_status(job_id))
         except RuntimeError:
-            # Recorded but never reached Ray (crash between the two writes): submit that attempt now.
-            log.info("job %s unknown to Ray; submitting it", row.ray_job_id)
-            self.submit(row, row.attempts)
+            # Recorded but never reached Ray (crash between the two writes): submit that job now.
+            log.info("job %s unknown to Ray; submitting it", job_id)
+            if gating:
+                self.submit_gate(row.run_id, job_id)
+            else:
+                self.submit(row, row.attempts)
             return
         status = status.rsplit(".", 1)[-1]
         if status not in TERMINAL_JOB_STATES:
             return
-        if status == "SUCCEEDED":
-            self.finish(row)
+        if status != "SUCCEEDED":
+            self.retry_or_fail(row, status, job_id)
+        elif gating:
+            self.conclude(row)
         else:
-            self.retry_or_fail(row, status)
+            self.start_gate(row)
 
-    def retry_or_fail(self, row: Row, status: str) -> None:
-        logs = self.jobs.get_job_logs(row.ray_job_id)
-        reason = f"Ray job {row.ray_job_id} {status}: {_last_error(logs)}"
+    def retry_or_fail(self, row: Row, status: str, job_id: str | None = None) -> None:
+        job_id = job_id or row.ray_job_id
+        logs = self.jobs.get_job_logs(job_id)
+        reason = f"Ray job {job_id} {status}: {_last_error(logs)}"
         if row.attempts < self.settings.orchestrator.max_attempts:
             set_state(self.engine, row.request_id, state="requested", detail=reason)
             log.warning("%s; retrying (%d/%d)", reason, row.attempts, self.settings.orchestrator.max_attempts)
@@ -148,9 +163,8 @@ class Orchestrator:
         set_state(self.engine, row.request_id, state="failed", detail=reason)
         self.publish(row.request_id, "failed", ray_job_id=row.ray_job_id, detail=reason[:2000])
 
-    def finish(self, row: Row) -> None:
-        """Gate the trained candidate and apply the verdict; idempotent if interrupted midway."""
-        from evaluator import evaluate, promotion
+    def start_gate(self, row: Row) -> None:
+        """Training succeeded: find its run and hand it to a gate job."""
         from deploy.registry import REQUEST_TAG
         from trainer import tracking
 
@@ -158,12 +172,36 @@ class Orchestrator:
         if run_id is None:
             self.retry_or_fail(row, "SUCCEEDED without an MLflow run")
             return
-        version = promotion.registered_version(self.settings, run_id)
-        if version is None:  # not evaluated yet (or interrupted before registering)
-            verdict = evaluate.run(self.settings, evaluate.candidate_from_run(self.settings, run_id))
-            version = promotion.registered_version(self.settings, run_id)
-        else:
-            verdict, _ = evaluate.read_decision(self.settings, run_id)
+        gate_id = gate_submission_id(self.settings.mlflow.registered_model, row.request_id, row.attempts)
+        # Write-ahead, as for training: a crash after this line reattaches to this gate job.
+        set_state(self.engine, row.request_id, state="evaluating", run_id=run_id, gate_job_id=gate_id,
+                  detail=f"attempt {row.attempts} trained; gate submitted")
+        self.submit_gate(run_id, gate_id)
+
+    def submit_gate(self, run_id: str, gate_id: str) -> None:
+        """Submit the gate job judging ``run_id``: on the GPU when training uses one, else one CPU."""
+        from deploy.ray_env import runtime_env
+
+        resources = {"entrypoint_num_gpus": 1} if self.settings.train.use_gpu else {"entrypoint_num_cpus": 1}
+        entrypoint = f"python -m evaluator.gate_job --run {shlex.quote(run_id)}"
+        try:
+            self.jobs.submit_job(entrypoint=entrypoint, submission_id=gate_id,
+                                 runtime_env=runtime_env(self.settings), **resources)
+        except RuntimeError as e:
+            if "already exists" not in str(e):
+                # As for training: the recorded id is unknown to Ray, so the next follow submits it again.
+                log.warning("submitting gate %s failed (%s); trying again", gate_id, e)
+                return
+            log.info("gate %s was submitted before a restart; reattaching", gate_id)
+
+    def conclude(self, row: Row) -> None:
+        """The gate job ended: publish the phase its recorded decision gives."""
+        from evaluator.decision import read_decision
+        from evaluator.promotion import registered_version
+
+        run_id = row.run_id
+        verdict, _ = read_decision(self.settings, run_id)
+        version = registered_version(self.settings, run_id)
         failed = "; ".join(r.name for r in verdict.rules if not r.passed)
         self.publish(row.request_id, "succeeded", run_id=run_id, model_version=version,
                      detail="gate passed" if verdict.passed else f"trained; gate failed: {failed}")
@@ -204,16 +242,6 @@ def _last_error(logs: str, lines: int = 5) -> str:
     return " | ".join(tail)[-1500:] or "no log output"
 
 
-def _warm_up() -> None:
-    """The evaluator's imports, off the retrain path: the first gate would otherwise pay them."""
-    try:
-        from evaluator import evaluate
-
-        evaluate.warm_up()
-    except Exception:  # the gate imports again and reports a real failure there
-        log.warning("evaluator warm-up failed", exc_info=True)
-
-
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): consume requests, advance the current retrain."""
     from ray.job_submission import JobSubmissionClient
@@ -222,7 +250,6 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     from services.stream.publisher import make_producer
 
     stop = stop or threading.Event()
-    threading.Thread(target=_warm_up, name="evaluator-warm-up", daemon=True).start()
     engine = make_engine(settings)
     create_schema(engine)
     ensure_topics(settings)
@@ -230,7 +257,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         settings.kafka.requests_topic, bootstrap_servers=settings.kafka.bootstrap,
         group_id=settings.kafka.orchestrator_group, enable_auto_commit=False, auto_offset_reset="earliest",
         session_timeout_ms=settings.kafka.session_timeout_ms, heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
-        # The loop blocks for a whole evaluation between polls.
+        # A tick submits or looks at a job; a slow registry or Ray call is the longest gap between polls.
         max_poll_interval_ms=int(settings.orchestrator.max_step_s * 1000),
     )
     orchestrator = Orchestrator(settings, engine, JobSubmissionClient(settings.ray.address),

@@ -42,7 +42,8 @@ def _store_part(settings: Settings, status: SystemStatus) -> None:
         rows = conn.execute(select(RetrainRequestRow).order_by(RetrainRequestRow.created_at.desc()).limit(5)).all()
         status.recent = [
             {"request": r.request_id, "reason": r.reason, "state": r.state, "version": r.model_version,
-             "attempts": r.attempts, "detail": r.detail, "at": r.updated_at, "ray_job": r.ray_job_id}
+             "attempts": r.attempts, "detail": r.detail, "at": r.updated_at,
+             "ray_job": r.gate_job_id if r.state == "evaluating" else r.ray_job_id}
             for r in rows
         ]
     engine.dispose()

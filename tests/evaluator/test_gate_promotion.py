@@ -12,7 +12,7 @@ from eval_fixtures import FAIL_RULES, PASS_RULES, log_candidate
 from typer.testing import CliRunner
 
 from evaluator import promotion
-from evaluator.evaluate import read_decision
+from evaluator.decision import read_decision
 from evaluator.evaluate import run as evaluate_run
 from schemas.artifacts import SnapshotManifest, Verdict
 from schemas.data import QAPair

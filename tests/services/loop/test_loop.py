@@ -2,7 +2,8 @@
 
 Events past the threshold -> exactly one retrain -> a version with complete lineage ->
 promoted (auto mode); a manual request with an override runs a second retrain, and
-killing the orchestrator while its Ray job runs does not submit a second job.
+killing the orchestrator while its Ray job runs does not submit a second job (each attempt: one
+training job, then one gate job).
 """
 
 import json
@@ -15,7 +16,7 @@ from sqlalchemy import select
 
 from deploy.registry import CHAMPION, REQUEST_TAG, alias_version, open_registry
 from schemas.events import RetrainStatus
-from services.loop.orchestrator import submission_id
+from services.loop.orchestrator import gate_submission_id, submission_id
 from services.stream.publisher import medquad_events, publish
 from services.store import RetrainRequestRow
 from services.loop.timeline import retrain_timeline
@@ -73,7 +74,7 @@ def final_status(settings, request_id: str) -> RetrainStatus | None:
 def jobs_of(settings, request_id: str) -> list[str]:
     jobs = JobSubmissionClient(settings.ray.address).list_jobs()
     prefix = submission_id(settings.mlflow.registered_model, request_id, 1)[:-1]  # any attempt's id
-    return [j.submission_id for j in jobs if (j.submission_id or "").startswith(prefix)]
+    return sorted(j.submission_id for j in jobs if (j.submission_id or "").startswith(prefix))
 
 
 def requests_in_store(env) -> list:
@@ -96,7 +97,8 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         done = wait_for(lambda: final_status(settings, request_id), 400, "the first retrain", every=3)
         assert done.phase == "promoted", done.detail
         assert [r.reason for r in requests_in_store(loop_env)] == ["threshold"]  # exactly one retrain
-        assert jobs_of(settings, request_id) == [submission_id(settings.mlflow.registered_model, request_id, 1)]
+        model = settings.mlflow.registered_model
+        assert jobs_of(settings, request_id) == [submission_id(model, request_id, 1), gate_submission_id(model, request_id, 1)]
         started = next(s for s in statuses(settings) if s.request_id == request_id and s.phase == "started")
         timeline = retrain_timeline(settings, request_id, started, done)
         assert sum(seconds for _, seconds in timeline.stages) == pytest.approx(timeline.total_s)
@@ -119,8 +121,8 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         orchestrator = start_service(loop_env, tmp_path / "orchestrator.log", "orchestrator")
         second = wait_for(lambda: final_status(settings, manual.request_id), 400, "the manual retrain", every=3)
         assert second.phase == "promoted", second.detail
-        reattached = submission_id(settings.mlflow.registered_model, manual.request_id, 1)
-        assert jobs_of(settings, manual.request_id) == [reattached]
+        reattached = submission_id(model, manual.request_id, 1)
+        assert jobs_of(settings, manual.request_id) == [reattached, gate_submission_id(model, manual.request_id, 1)]
         run_id = tracking.find_run(settings, REQUEST_TAG, manual.request_id, kind="retrain")
         assert tracking.run_param(settings, run_id, "max_steps") == "6"
         assert client.get_model_version(name, second.model_version).tags["lineage.parent_version"] == done.model_version
