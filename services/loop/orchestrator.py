@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine, Row
 
-from schemas.events import RetrainPhase, RetrainRequest, RetrainStatus, utcnow
+from schemas.events import RetrainPhase, RetrainRequest, RetrainStatus, describe_errors, utcnow
 from schemas.settings import Settings
 from services.store import RetrainRequestRow, create_schema, make_engine
 
@@ -211,6 +211,17 @@ class Orchestrator:
         if phase != "succeeded":
             self.publish(row.request_id, phase, run_id=run_id, model_version=version, detail=detail[phase])
 
+    def dead_letter(self, record, error: ValidationError) -> None:
+        """A request that can never run goes to the dead-letter topic with its reason, like a bad QA event."""
+        from services.stream.ingest import Rejection, SourceRecord, dead_letter
+
+        source = SourceRecord(record.topic, record.partition, record.offset, record.value)
+        letter = dead_letter(source, Rejection("invalid_request", describe_errors(error)[:1000]))
+        self.producer.send(self.settings.kafka.dlq_topic, key=record.key,
+                           value=letter.model_dump_json().encode()).get(timeout=30)
+        log.error("dead-lettered the retrain request at %s:%d:%d: %s", record.topic, record.partition, record.offset,
+                  letter.reason)
+
     def consume(self, consumer: KafkaConsumer, timeout_ms: int) -> int:
         """Store the requests on the topic, waiting up to ``timeout_ms`` for one, then commit their offsets.
 
@@ -223,10 +234,10 @@ class Orchestrator:
                 try:
                     request = RetrainRequest.model_validate_json(record.value)
                 except ValidationError as e:
-                    log.error("skipping an invalid retrain request at %s:%d: %s", record.partition, record.offset, e)
+                    self.dead_letter(record, e)
                     continue
                 new += record_request(self.engine, request)
-        consumer.commit()  # after the database commit: a crash re-reads, and record_request dedupes
+        consumer.commit()  # after the database and dead-letter writes: a crash re-reads, and record_request dedupes
         return new
 
 
@@ -242,6 +253,17 @@ def _last_error(logs: str, lines: int = 5) -> str:
     return " | ".join(tail)[-1500:] or "no log output"
 
 
+def make_consumer(settings: Settings) -> KafkaConsumer:
+    """The orchestrator group's consumer of the requests topic; offsets are committed by :meth:`Orchestrator.consume`."""
+    return KafkaConsumer(
+        settings.kafka.requests_topic, bootstrap_servers=settings.kafka.bootstrap,
+        group_id=settings.kafka.orchestrator_group, enable_auto_commit=False, auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka.session_timeout_ms, heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
+        # A tick submits or looks at a job; a slow registry or Ray call is the longest gap between polls.
+        max_poll_interval_ms=int(settings.orchestrator.max_step_s * 1000),
+    )
+
+
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): consume requests, advance the current retrain."""
     from ray.job_submission import JobSubmissionClient
@@ -253,13 +275,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     engine = make_engine(settings)
     create_schema(engine)
     ensure_topics(settings)
-    consumer = KafkaConsumer(
-        settings.kafka.requests_topic, bootstrap_servers=settings.kafka.bootstrap,
-        group_id=settings.kafka.orchestrator_group, enable_auto_commit=False, auto_offset_reset="earliest",
-        session_timeout_ms=settings.kafka.session_timeout_ms, heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
-        # A tick submits or looks at a job; a slow registry or Ray call is the longest gap between polls.
-        max_poll_interval_ms=int(settings.orchestrator.max_step_s * 1000),
-    )
+    consumer = make_consumer(settings)
     orchestrator = Orchestrator(settings, engine, JobSubmissionClient(settings.ray.address),
                                 make_producer(settings, client_id="medretrain-orchestrator"))
     log.info("orchestrator consuming %s, Ray at %s", settings.kafka.requests_topic, settings.ray.address)
