@@ -1,4 +1,5 @@
-"""CPU training benchmark: tokens/s and time per step of SmolLM2-135M LoRA through the real Ray Train path, 1 vs 2 workers.
+"""CPU training benchmark: tokens/s and time per step of SmolLM2-135M LoRA through the real Ray Train path, 1 vs 2
+workers.
 
     .venv/bin/python bench/train_cpu.py                     # JSON to stdout and bench/results/train_cpu.json
     .venv/bin/python bench/train_cpu.py --steps 12 --workers 1 2 --out /tmp/train_cpu.json
@@ -27,9 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deploy.registry import KIND_TAG, mlflow_client  # noqa: E402
 from schemas.events import RetrainRequest  # noqa: E402
 from schemas.settings import Settings, load_settings, with_overrides  # noqa: E402
-from deploy.registry import KIND_TAG, mlflow_client  # noqa: E402
 from trainer import tracking  # noqa: E402
 from trainer.retrain import build_torch_trainer, connect_ray, rows_payload, training_rows  # noqa: E402
 
@@ -89,13 +90,18 @@ def main() -> None:
     base_version = bootstrap(settings)  # idempotent: the SmolLM2 base already registered comes back
     resolve(settings, base_version)  # download once here, so a broken registry fails before Ray starts
     _, train_rows, val_rows = training_rows(
-        bench_settings(settings, args.steps, 1, args.cores), RetrainRequest(request_id="bench", reason="manual", watermark=0)
+        bench_settings(settings, args.steps, 1, args.cores),
+        RetrainRequest(request_id="bench", reason="manual", watermark=0),
     )
     connect_ray(settings)
-    runs = [measure(bench_settings(settings, args.steps, n, args.cores), base_version, (train_rows, val_rows)) for n in args.workers]
+    runs = [
+        measure(bench_settings(settings, args.steps, n, args.cores), base_version, (train_rows, val_rows))
+        for n in args.workers
+    ]
     report = {
         "benchmark": "train_cpu",
-        "model": f"{settings.mlflow.registered_model} v{base_version} (SmolLM2-135M-Instruct, LoRA r{settings.train.lora.r} all linear)",
+        "model": f"{settings.mlflow.registered_model} v{base_version} "
+                 f"(SmolLM2-135M-Instruct, LoRA r{settings.train.lora.r} all linear)",
         "precision": settings.train.precision,
         "micro_batch_size": 4,
         "max_length": 256,

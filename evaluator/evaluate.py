@@ -268,7 +268,7 @@ def sample_records(sets: Sequence[EvalSet], baseline: Measurement, candidate: Me
     return {
         s.name: [
             {"question": row.question, "reference": row.answer, "champion": champ, "candidate": cand}
-            for row, champ, cand in zip(s.sample, baseline.answers[s.name], candidate.answers[s.name])
+            for row, champ, cand in zip(s.sample, baseline.answers[s.name], candidate.answers[s.name], strict=True)
         ]
         for s in sets
     }

@@ -51,7 +51,7 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) ->
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in history.items():
         if points:
-            steps, values = zip(*sorted(points))
+            steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker="." if len(points) < 50 else None, label=name)
     if any(history.values()):
         ax.legend(loc="upper right")
@@ -68,7 +68,7 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) ->
 def plot_answer_lengths(samples: dict[str, list[dict]], path: Path) -> Path:
     """Word counts of reference, champion and candidate answers, one panel per set."""
     fig, axes = plt.subplots(1, max(len(samples), 1), figsize=(6 * max(len(samples), 1), 4), squeeze=False)
-    for ax, (set_name, rows) in zip(axes[0], sorted(samples.items())):
+    for ax, (set_name, rows) in zip(axes[0], sorted(samples.items()), strict=False):
         for who in ("reference", "champion", "candidate"):
             ax.hist([len(r[who].split()) for r in rows], bins=20, alpha=0.5, label=who)
         ax.set_title(f"answer length (words): {set_name}")

@@ -21,7 +21,9 @@ def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_import_linter_contracts_are_kept():
     result = _run("lint-imports", "--no-cache")
-    assert result.returncode == 0, f"an import breaks the layering contracts:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+    assert result.returncode == 0, (
+        f"an import breaks the layering contracts:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+    )
     assert "0 broken" in result.stdout
 
 

@@ -21,7 +21,9 @@ def tune_command(
     ctx: typer.Context,
     samples: int | None = typer.Option(None, "--samples", min=1, help="Trials (default tune.num_samples)"),
     snapshot: str | None = typer.Option(None, "--snapshot", help="Tune on this snapshot plus replay"),
-    out: Path | None = typer.Option(None, "--out", help="Best train overrides JSON (default <stack home>/tuned/best_train.json)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="Best train overrides JSON (default <stack home>/tuned/best_train.json)"
+    ),
 ) -> None:
     """ASHA search over lr, LoRA r/alpha and batch size; writes the best config for train.tuned_config."""
     from schemas.settings import with_overrides
@@ -32,7 +34,10 @@ def tune_command(
         settings = with_overrides(settings, {"tune": {"num_samples": samples}})
     out = out or settings.stack.home / "tuned" / "best_train.json"
     console.print_json(data=run_tune(settings, snapshot, out)["train"])
-    console.print(f"use it: [bold]medretrain --set train.tuned_config={out} train ...[/bold] or MEDRETRAIN_TRAIN__TUNED_CONFIG={out}")
+    console.print(
+        f"use it: [bold]medretrain --set train.tuned_config={out} train ...[/bold] "
+        f"or MEDRETRAIN_TRAIN__TUNED_CONFIG={out}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -104,7 +104,10 @@ def _register_base(client: MlflowClient, name: str, run_id: str, origin: str) ->
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        name, source=f"runs:/{run_id}/{ARTIFACT_PATHS[KIND_BASE]}", run_id=run_id, tags={"kind": KIND_BASE, "origin": origin}
+        name,
+        source=f"runs:/{run_id}/{ARTIFACT_PATHS[KIND_BASE]}",
+        run_id=run_id,
+        tags={"kind": KIND_BASE, "origin": origin},
     ).version
     if CHAMPION not in client.get_registered_model(name).aliases:
         client.set_registered_model_alias(name, CHAMPION, version)

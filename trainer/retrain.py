@@ -32,13 +32,13 @@ from typing import Any
 
 import lightning as L
 
+import trainer
 from deploy.clients import pyarrow_s3
 from deploy.registry import BASE_VERSION_TAG, CHAMPION, KIND_TAG, REQUEST_TAG
 from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, SnapshotManifest, TrainedAdapter
 from schemas.data import QAPair
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, load_settings, with_overrides
-import trainer
 from trainer import tracking
 from trainer.callbacks import RowsSeen, StepMetrics, upload_adapter
 from trainer.data import mix_rows, sample_replay, steps_for_epochs, training_items

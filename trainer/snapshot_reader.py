@@ -62,7 +62,9 @@ def read_snapshot(settings: Settings, snapshot_id: str) -> tuple[SnapshotManifes
         data = _get(s3, bucket, prefix + name)
         digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.files[name]:
-            raise SnapshotError(f"{name} of {snapshot_id} has sha256 {digest}, the manifest says {manifest.files[name]}")
+            raise SnapshotError(
+                f"{name} of {snapshot_id} has sha256 {digest}, the manifest says {manifest.files[name]}"
+            )
         rows[name] = parse_rows(data, name)
     train, eval_rows = rows["train.jsonl"], rows["eval.jsonl"]
     if len(train) != manifest.train_rows or len(eval_rows) != manifest.eval_rows:

@@ -9,8 +9,8 @@ import socket
 import struct
 
 from deploy.clients import ensure_topics, s3_credentials
-from deploy.process import Launch
 from deploy.embedded import Service, host_port
+from deploy.process import Launch
 from schemas.settings import Settings
 
 

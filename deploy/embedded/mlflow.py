@@ -6,9 +6,9 @@ The server proxies artifacts (``--artifacts-destination``), so only it holds S3 
 from __future__ import annotations
 
 from deploy.clients import s3_credentials
-from deploy.process import Launch
 from deploy.embedded import Service, http_ok, venv_bin
 from deploy.embedded.postgres import ensure_databases
+from deploy.process import Launch
 from schemas.settings import Settings
 
 

@@ -30,7 +30,8 @@ def _target(url: str):
 
 @contextmanager
 def _maintenance(url: str) -> Iterator[tuple[URL, psycopg.Connection]]:
-    """(the URL, an autocommit connection to its server's maintenance database): CREATE/DROP DATABASE run outside transactions."""
+    """(the URL, an autocommit connection to the server's maintenance database): CREATE/DROP DATABASE refuse a
+    transaction."""
     target, conninfo = _target(url)
     try:
         with psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=5, **conninfo) as conn:

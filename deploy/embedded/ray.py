@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.process import Launch
 from deploy.embedded import Service, http_ok, venv_bin
+from deploy.process import Launch
 from schemas.settings import Settings
 
 

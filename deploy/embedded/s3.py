@@ -13,8 +13,8 @@ import secrets
 from pathlib import Path
 
 from deploy.clients import boto3_s3, credentials_file, s3_credentials
-from deploy.process import Launch
 from deploy.embedded import Service, host_port, http_ok, venv_bin
+from deploy.process import Launch
 from schemas.settings import Settings
 
 SECRET_KEYS = ("jwt_signing_key", "jwt_filer_signing_key", "jwt_filer_signing_read_key", "admin_password")

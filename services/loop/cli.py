@@ -174,7 +174,8 @@ def status(ctx: typer.Context) -> None:
     overview.add_row("accumulator lag (approx.)", lag)
     running = s.in_flight
     overview.add_row("running", "none" if running is None else
-                     f"{running['request']} ({running['state']}, job {running.get('ray_job')} {running.get('ray_status', '')})")
+                     f"{running['request']} ({running['state']}, "
+                     f"job {running.get('ray_job')} {running.get('ray_status', '')})")
     overview.add_row("champion / challenger", f"v{s.champion} / {'v' + s.challenger if s.challenger else 'none'}")
     console.print(overview)
     recent = Table("request", "reason", "state", "version", "attempts", "detail", title="last retrains")

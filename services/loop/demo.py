@@ -25,7 +25,13 @@ from services.loop.timeline import Timeline, retrain_timeline
 DEMO_OVERRIDES = {
     "trigger": {"threshold": 300, "cooldown_s": 0},
     # Sized for 2 CPU cores: ~5 s per step with 2 Ray workers on SmolLM2-135M.
-    "train": {"max_steps": 24, "micro_batch_size": 2, "max_length": 160, "warmup_steps": 3, "checkpoint_every_steps": 8},
+    "train": {
+        "max_steps": 24,
+        "micro_batch_size": 2,
+        "max_length": 160,
+        "warmup_steps": 3,
+        "checkpoint_every_steps": 8,
+    },
     # Three set scorings per gate (candidate on both sets, champion on the new production slice) at
     # ~6 s of loss + ~6 s of generation each; the MedQuAD baseline is scored once, before the loop.
     "evaluate": {"promotion": "auto", "sample_size": 8, "max_new_tokens": 32, "loss_rows": 16},
@@ -79,8 +85,9 @@ def status_consumer(settings: Settings):
     return consumer
 
 
-def wait_for_final(settings: Settings, since: datetime, timeout_s: float,
-                   show: Callable[[str], None]) -> dict[str, RetrainStatus]:
+def wait_for_final(
+    settings: Settings, since: datetime, timeout_s: float, show: Callable[[str], None]
+) -> dict[str, RetrainStatus]:
     """Status events of the first retrain requested after ``since``, until it reaches a final phase."""
     consumer = status_consumer(settings)
     seen: dict[str, RetrainStatus] = {}
@@ -100,16 +107,18 @@ def wait_for_final(settings: Settings, since: datetime, timeout_s: float,
                 return seen
     finally:
         consumer.close()
-    raise TimeoutError(f"no final retrain status within {timeout_s:.0f}s; seen {sorted(seen)}; see logs in "
-                       f"{settings.stack.home / 'logs'}")
+    raise TimeoutError(
+        f"no final retrain status within {timeout_s:.0f}s; seen {sorted(seen)}; see logs in "
+        f"{settings.stack.home / 'logs'}"
+    )
 
 
 def unseen_events(settings: Settings, n: int, seed: int) -> list:
     """``n`` production events the store has not accepted yet, so a repeated demo still reaches the threshold."""
     from sqlalchemy import select
 
-    from services.stream.publisher import medquad_events
     from services.store import QAEventRow, create_schema, make_engine
+    from services.stream.publisher import medquad_events
 
     everything = medquad_events(10**9, seed)  # the whole production split, shuffled
     engine = make_engine(settings)
@@ -128,8 +137,8 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
     from contextlib import contextmanager
 
     from deploy import stack
-    from evaluator.evaluate import measure_champion, medquad_set
     from deploy.registry import CHAMPION, alias_version, open_registry
+    from evaluator.evaluate import measure_champion, medquad_set
     from schemas.events import utcnow
     from services.stream import publisher
     from trainer.registry import bootstrap, resolve

@@ -206,7 +206,8 @@ class Orchestrator:
         self.publish(row.request_id, "succeeded", run_id=run_id, model_version=version,
                      detail="gate passed" if verdict.passed else f"trained; gate failed: {failed}")
         phase = _final_phase(self.settings, verdict.passed)
-        detail = {"promoted": "champion", "succeeded": "challenger awaiting review", "rejected": f"gate failed: {failed}"}
+        detail = {"promoted": "champion", "succeeded": "challenger awaiting review",
+                  "rejected": f"gate failed: {failed}"}
         set_state(self.engine, row.request_id, state=phase, run_id=run_id, model_version=version, detail=detail[phase])
         if phase != "succeeded":
             self.publish(row.request_id, phase, run_id=run_id, model_version=version, detail=detail[phase])
@@ -217,10 +218,16 @@ class Orchestrator:
 
         source = SourceRecord(record.topic, record.partition, record.offset, record.value)
         letter = dead_letter(source, Rejection("invalid_request", describe_errors(error)[:1000]))
-        self.producer.send(self.settings.kafka.dlq_topic, key=record.key,
-                           value=letter.model_dump_json().encode()).get(timeout=30)
-        log.error("dead-lettered the retrain request at %s:%d:%d: %s", record.topic, record.partition, record.offset,
-                  letter.reason)
+        self.producer.send(self.settings.kafka.dlq_topic, key=record.key, value=letter.model_dump_json().encode()).get(
+            timeout=30
+        )
+        log.error(
+            "dead-lettered the retrain request at %s:%d:%d: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            letter.reason,
+        )
 
     def consume(self, consumer: KafkaConsumer, timeout_ms: int) -> int:
         """Store the requests on the topic, waiting up to ``timeout_ms`` for one, then commit their offsets.
@@ -254,11 +261,15 @@ def _last_error(logs: str, lines: int = 5) -> str:
 
 
 def make_consumer(settings: Settings) -> KafkaConsumer:
-    """The orchestrator group's consumer of the requests topic; offsets are committed by :meth:`Orchestrator.consume`."""
+    """The orchestrator group's consumer of the requests topic (offsets committed by :meth:`Orchestrator.consume`)."""
     return KafkaConsumer(
-        settings.kafka.requests_topic, bootstrap_servers=settings.kafka.bootstrap,
-        group_id=settings.kafka.orchestrator_group, enable_auto_commit=False, auto_offset_reset="earliest",
-        session_timeout_ms=settings.kafka.session_timeout_ms, heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
+        settings.kafka.requests_topic,
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=settings.kafka.orchestrator_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka.session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
         # A tick submits or looks at a job; a slow registry or Ray call is the longest gap between polls.
         max_poll_interval_ms=int(settings.orchestrator.max_step_s * 1000),
     )
@@ -276,8 +287,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     create_schema(engine)
     ensure_topics(settings)
     consumer = make_consumer(settings)
-    orchestrator = Orchestrator(settings, engine, JobSubmissionClient(settings.ray.address),
-                                make_producer(settings, client_id="medretrain-orchestrator"))
+    orchestrator = Orchestrator(
+        settings,
+        engine,
+        JobSubmissionClient(settings.ray.address),
+        make_producer(settings, client_id="medretrain-orchestrator"),
+    )
     log.info("orchestrator consuming %s, Ray at %s", settings.kafka.requests_topic, settings.ray.address)
     try:
         while not stop.is_set():

@@ -80,13 +80,20 @@ def _lag_part(settings: Settings, status: SystemStatus) -> None:
         ends = consumer.end_offsets(list(committed)) if committed else {}
     finally:
         consumer.close()
-    status.consumer_lag = {f"{tp.topic}:{tp.partition}": max(0, ends[tp] - meta.offset) for tp, meta in committed.items()}
+    status.consumer_lag = {
+        f"{tp.topic}:{tp.partition}": max(0, ends[tp] - meta.offset) for tp, meta in committed.items()
+    }
 
 
 def collect(settings: Settings) -> SystemStatus:
     """Every part that answers; a part whose service is down becomes a line in ``problems``."""
     status = SystemStatus(threshold=settings.trigger.threshold)
-    for part, service in ((_store_part, "database"), (_ray_part, "Ray"), (_registry_part, "MLflow"), (_lag_part, "broker")):
+    for part, service in (
+        (_store_part, "database"),
+        (_ray_part, "Ray"),
+        (_registry_part, "MLflow"),
+        (_lag_part, "broker"),
+    ):
         try:
             part(settings, status)
         except Exception as e:  # status must render whatever is down

@@ -50,7 +50,9 @@ def _trigger_points(settings: Settings, request_id: str) -> tuple[float, float, 
     with engine.connect() as conn:
         request = conn.execute(select(RetrainRequestRow).where(RetrainRequestRow.request_id == request_id)).one()
         snapshot = conn.execute(select(SnapshotRow).where(SnapshotRow.snapshot_id == request.snapshot_id)).one()
-        rows = select(QAEventRow.ingested_at).where(QAEventRow.row_id >= snapshot.min_row_id).order_by(QAEventRow.row_id)
+        rows = (
+            select(QAEventRow.ingested_at).where(QAEventRow.row_id >= snapshot.min_row_id).order_by(QAEventRow.row_id)
+        )
         crossing = conn.execute(rows.offset(settings.trigger.threshold - 1).limit(1)).scalar_one()
     engine.dispose()
     return tuple(as_utc(t).timestamp() for t in (crossing, snapshot.created_at, request.published_at))
@@ -68,8 +70,8 @@ def retrain_timeline(settings: Settings, request_id: str, started: RetrainStatus
     """The stages of a finished retrain whose job ``started`` announced and ``final`` concluded."""
     from ray.job_submission import JobSubmissionClient
 
-    from evaluator.evaluate import RUN_TAG_PREFIX
     from deploy.registry import mlflow_client
+    from evaluator.evaluate import RUN_TAG_PREFIX
 
     crossed, snapshot, published = _trigger_points(settings, request_id)
     job = JobSubmissionClient(settings.ray.address).get_job_info(started.ray_job_id)

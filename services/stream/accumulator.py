@@ -41,10 +41,10 @@ from sqlalchemy.exc import DBAPIError
 
 from deploy.clients import ensure_topics
 from schemas.settings import Settings
-from services.stream import metrics
-from services.trigger import trigger
-from services.stream.ingest import Batch, Rejection, SourceRecord, dead_letter, split_batch, store_batch
 from services.store import InsertResult, create_schema, make_engine
+from services.stream import metrics
+from services.stream.ingest import Batch, Rejection, SourceRecord, dead_letter, split_batch, store_batch
+from services.trigger import trigger
 
 log = logging.getLogger(__name__)
 

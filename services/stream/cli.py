@@ -67,7 +67,9 @@ def publish(
     ctx: typer.Context,
     file: typer.FileText | None = typer.Argument(None, help="JSONL or CSV file of QA events; - reads stdin"),
     fmt: Literal["jsonl", "csv"] | None = typer.Option(None, "--format", help="Default: from the file extension"),
-    medquad_sample: int | None = typer.Option(None, "--medquad-sample", min=1, help="Publish N MedQuAD production pairs"),
+    medquad_sample: int | None = typer.Option(
+        None, "--medquad-sample", min=1, help="Publish N MedQuAD production pairs"
+    ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed for --medquad-sample"),
     rate: float | None = typer.Option(None, "--rate", min=0.001, help="Events per second at most"),
 ) -> None:
@@ -85,12 +87,16 @@ def publish(
         ensure_topics(settings)
         task = progress.add_task("publish", total=total)
         summary = publisher.publish(
-            settings, records, rate=rate,
+            settings,
+            records,
+            rate=rate,
             on_bad=lambda bad: console.print(f"[yellow]line {bad.line}[/]: {bad.reason}", highlight=False),
             on_sent=lambda: progress.advance(task),
         )
-    console.print(f"sent [bold]{summary.sent}[/], rejected [bold]{summary.rejected}[/], failed [bold]{summary.failed}[/]"
-                  f" in {summary.seconds:.1f}s ({summary.per_second:.0f} events/s) -> {settings.kafka.events_topic}")
+    console.print(
+        f"sent [bold]{summary.sent}[/], rejected [bold]{summary.rejected}[/], failed [bold]{summary.failed}[/]"
+        f" in {summary.seconds:.1f}s ({summary.per_second:.0f} events/s) -> {settings.kafka.events_topic}"
+    )
     for error in summary.errors[:5]:
         console.print(f"[red]delivery failed[/]: {error}")
     if summary.failed:
@@ -128,8 +134,10 @@ def retrain(
             request = emit_manual(settings, reason, overrides, getpass.getuser(), engine=engine)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    console.print(f"retrain request [bold]{request.request_id}[/] (watermark {request.watermark}, "
-                  f"snapshot {request.snapshot_id}) -> {settings.kafka.requests_topic}")
+    console.print(
+        f"retrain request [bold]{request.request_id}[/] (watermark {request.watermark}, "
+        f"snapshot {request.snapshot_id}) -> {settings.kafka.requests_topic}"
+    )
 
 
 def register(app: typer.Typer) -> None:

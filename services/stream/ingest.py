@@ -65,7 +65,9 @@ def _classify(error: ValidationError) -> Rejection:
         return Rejection("invalid_json", detail)
     if "schema_version" in locs:
         return Rejection("unsupported_version", detail)
-    if any(p["type"] in {"string_too_short", "missing"} and p["loc"][:1] in {("question",), ("answer",)} for p in problems):
+    if any(
+        p["type"] in {"string_too_short", "missing"} and p["loc"][:1] in {("question",), ("answer",)} for p in problems
+    ):
         return Rejection("empty_field", detail)
     if "string_too_long" in types:
         return Rejection("too_long", detail)

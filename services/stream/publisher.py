@@ -113,9 +113,14 @@ def make_producer(settings: Settings, client_id: str = "medretrain-publisher", *
     # Not idempotent: a send retried after a broker restart is appended again, never answered from the broker's
     # sequence state. Tansu keeps that state apart from the data and lost acknowledged records that way; the
     # store already drops a re-sent event by its id.
-    defaults = {"linger_ms": 5, "max_request_size": settings.kafka.max_message_bytes + 4096, "enable_idempotence": False}
-    return KafkaProducer(bootstrap_servers=settings.kafka.bootstrap.split(","), client_id=client_id, acks="all",
-                         **(defaults | config))
+    defaults = {
+        "linger_ms": 5,
+        "max_request_size": settings.kafka.max_message_bytes + 4096,
+        "enable_idempotence": False,
+    }
+    return KafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap.split(","), client_id=client_id, acks="all", **(defaults | config)
+    )
 
 
 class _Pacer:
@@ -159,8 +164,9 @@ def publish(
                     on_bad(record)
                 continue
             pacer.wait()
-            future = producer.send(settings.kafka.events_topic, key=str(record.event_id).encode(),
-                                   value=record.model_dump_json().encode())
+            future = producer.send(
+                settings.kafka.events_topic, key=str(record.event_id).encode(), value=record.model_dump_json().encode()
+            )
             future.add_callback(lambda _: acked.__setitem__("ok", acked["ok"] + 1)).add_errback(failed)
             if on_sent:
                 on_sent()
@@ -168,6 +174,11 @@ def publish(
     finally:
         producer.close()
     summary.sent, summary.seconds = acked["ok"], time.perf_counter() - started
-    log.debug("published %d events (%d rejected, %d failed) in %.1fs", summary.sent, summary.rejected,
-             summary.failed, summary.seconds)
+    log.debug(
+        "published %d events (%d rejected, %d failed) in %.1fs",
+        summary.sent,
+        summary.rejected,
+        summary.failed,
+        summary.seconds,
+    )
     return summary

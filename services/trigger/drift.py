@@ -186,7 +186,9 @@ def _chi2(window_counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
             + ((ref_counts - n * share) ** 2 / (n * share)).sum(axis=1))
 
 
-def categorical_test(labels_of_rows: Sequence[str], labels: np.ndarray, min_expected: float, top: int = 3) -> TestResult:
+def categorical_test(
+    labels_of_rows: Sequence[str], labels: np.ndarray, min_expected: float, top: int = 3
+) -> TestResult:
     """Chi-squared statistic of reference vs window categories; the ``top`` categories that shifted most."""
     observed = labels[:, 0] > 0
     values = np.array(labels_of_rows, dtype=object)
@@ -207,8 +209,14 @@ def categorical_test(labels_of_rows: Sequence[str], labels: np.ndarray, min_expe
     win, ref = window_counts[0], totals - window_counts[0]
     expected = win.sum() * totals / totals.sum()
     order = np.argsort(-((win - expected) ** 2 / expected))[:top]
-    top_shifted = [{"category": str(names[i]), "reference_share": round(float(ref[i] / ref.sum()), 4),
-                    "window_share": round(float(win[i] / win.sum()), 4)} for i in order]
+    top_shifted = [
+        {
+            "category": str(names[i]),
+            "reference_share": round(float(ref[i] / ref.sum()), 4),
+            "window_share": round(float(win[i] / win.sum()), 4),
+        }
+        for i in order
+    ]
     return TestResult(statistic=float(chi2[0]), p_value=_p_value(chi2), detail={"top_shifted": top_shifted})
 
 
@@ -223,7 +231,10 @@ def length_test(lengths: np.ndarray, labels: np.ndarray) -> TestResult:
     reference_cdf = np.cumsum(1.0 - w, axis=0)[block_ends] / (1.0 - w).sum(axis=0)
     ks = np.abs(window_cdf - reference_cdf).max(axis=0)
     observed = labels[:, 0] > 0
-    detail = {"reference_median": float(np.median(lengths[~observed])), "window_median": float(np.median(lengths[observed]))}
+    detail = {
+        "reference_median": float(np.median(lengths[~observed])),
+        "window_median": float(np.median(lengths[observed])),
+    }
     return TestResult(statistic=float(ks[0]), p_value=_p_value(ks), detail=detail)
 
 
@@ -237,10 +248,14 @@ def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
     return rejected
 
 
-def detect(reference: QuestionSample, window: QuestionSample, settings: DriftSettings, examples: int = 5) -> DriftResult:
+def detect(
+    reference: QuestionSample, window: QuestionSample, settings: DriftSettings, examples: int = 5
+) -> DriftResult:
     """Run the four tests on shared topic permutations and Holm's correction; seeded by ``settings.seed``."""
     if len(reference) < 2 or len(window) < 2:
-        raise ValueError(f"drift needs at least 2 reference and 2 window questions, got {len(reference)} and {len(window)}")
+        raise ValueError(
+            f"drift needs at least 2 reference and 2 window questions, got {len(reference)} and {len(window)}"
+        )
     rng = np.random.default_rng(settings.seed)
     groups = topic_groups(reference, window)
     labels = permutation_labels(groups, len(window), settings.permutations, rng)
@@ -252,13 +267,21 @@ def detect(reference: QuestionSample, window: QuestionSample, settings: DriftSet
         "length": length_test(np.concatenate([reference.lengths, window.lengths]), labels),
     }
     rejected = holm({name: t.p_value for name, t in tests.items()}, settings.alpha)
-    tests = {name: TestResult(t.statistic, t.p_value, rejected[name], t.detail | {"permutations": settings.permutations})
-             for name, t in tests.items()}
-    n_ref_groups = len(np.unique(groups[:len(reference)]))
-    return DriftResult(drift=any(rejected.values()), alpha=settings.alpha, tests=tests,
-                       examples=[window.questions[i] for i in np.argsort(-witness)[:examples]],
-                       reference_size=len(reference), window_size=len(window),
-                       reference_topics=n_ref_groups, window_topics=int(groups.max()) + 1 - n_ref_groups)
+    tests = {
+        name: TestResult(t.statistic, t.p_value, rejected[name], t.detail | {"permutations": settings.permutations})
+        for name, t in tests.items()
+    }
+    n_ref_groups = len(np.unique(groups[: len(reference)]))
+    return DriftResult(
+        drift=any(rejected.values()),
+        alpha=settings.alpha,
+        tests=tests,
+        examples=[window.questions[i] for i in np.argsort(-witness)[:examples]],
+        reference_size=len(reference),
+        window_size=len(window),
+        reference_topics=n_ref_groups,
+        window_topics=int(groups.max()) + 1 - n_ref_groups,
+    )
 
 
 def qtype_label(qtype: str | None) -> str:

@@ -26,10 +26,10 @@ from sqlalchemy import Engine, select
 
 from schemas.events import RetrainRequest
 from schemas.settings import Settings
+from services.store import QAEventRow, create_schema, make_engine, max_row_id
 from services.trigger.drift import DriftResult, QuestionSample, detect, qtype_label
 from services.trigger.drift_reference import champion_version, load_or_build
 from services.trigger.embeddings import embed
-from services.store import QAEventRow, create_schema, make_engine, max_row_id
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def report_figure(reference: QuestionSample, window: QuestionSample, result: Dri
     names = list(result.tests)
     axes[0, 0].bar(names, [max(result.tests[n].p_value, 1e-12) for n in names],
                    color=["tab:red" if result.tests[n].rejected else "tab:gray" for n in names])
-    axes[0, 0].axhline(result.alpha / len(names), ls="--", color="k", label=f"alpha/{len(names)} (strictest Holm level)")
+    axes[0, 0].axhline(
+        result.alpha / len(names), ls="--", color="k", label=f"alpha/{len(names)} (strictest Holm level)"
+    )
     axes[0, 0].set(yscale="log", title="p-values (red: rejected)")
     axes[0, 0].legend()
     for ax, field in ((axes[0, 1], "sources"), (axes[1, 0], "qtypes")):
@@ -102,8 +104,14 @@ def report_figure(reference: QuestionSample, window: QuestionSample, result: Dri
     return fig
 
 
-def log_report(settings: Settings, champion: str, reference: QuestionSample, window: LiveWindow,
-               result: DriftResult, signal: Callable[[str], RetrainRequest | None]) -> tuple[str, RetrainRequest | None]:
+def log_report(
+    settings: Settings,
+    champion: str,
+    reference: QuestionSample,
+    window: LiveWindow,
+    result: DriftResult,
+    signal: Callable[[str], RetrainRequest | None],
+) -> tuple[str, RetrainRequest | None]:
     """An MLflow run holding the report; ``signal(run_id)`` runs inside it and its outcome is tagged."""
     import matplotlib.pyplot as plt
 
@@ -142,7 +150,9 @@ class DriftMonitor:
         champion = champion_version(self.settings)
         if self._reference is None or self._reference[0] != champion:
             if self._reference is not None:
-                log.info("champion moved from version %s to %s: switching drift reference", self._reference[0], champion)
+                log.info(
+                    "champion moved from version %s to %s: switching drift reference", self._reference[0], champion
+                )
             self._reference = champion, load_or_build(self.settings, self.engine, champion, on_batch)
         return self._reference
 
@@ -158,14 +168,22 @@ class DriftMonitor:
             return None
         result = detect(reference, window.sample, drift)
         p_values = ", ".join(f"{n} p={t.p_value:.3g}" for n, t in result.tests.items())
-        log.info("drift check of rows up to %d vs champion %s: %s (%s)", window.last_row_id, champion,
-                 "DRIFT" if result.drift else "no drift", p_values)
+        log.info(
+            "drift check of rows up to %d vs champion %s: %s (%s)",
+            window.last_row_id,
+            champion,
+            "DRIFT" if result.drift else "no drift",
+            p_values,
+        )
         if not result.drift:
             return CheckOutcome(result, champion, window.last_row_id)
 
         def signal(run_id: str) -> RetrainRequest | None:
-            evidence = result.evidence() | {"champion_version": champion, "report_run_id": run_id,
-                                            "window_last_row_id": window.last_row_id}
+            evidence = result.evidence() | {
+                "champion_version": champion,
+                "report_run_id": run_id,
+                "window_last_row_id": window.last_row_id,
+            }
             return signal_drift(self.settings, evidence, self.engine)
 
         run_id, request = log_report(self.settings, champion, reference, window, result, signal)

@@ -31,10 +31,10 @@ from sqlalchemy import Engine, select
 
 from schemas.events import utcnow
 from schemas.settings import Settings
+from services.store import QAEventRow, RetrainRequestRow, SnapshotRow
 from services.trigger.drift import QuestionSample, qtype_label
 from services.trigger.embeddings import EMBEDDER, embed
 from services.trigger.export import in_eval_slice
-from services.store import QAEventRow, RetrainRequestRow, SnapshotRow
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,16 @@ def load_or_build(settings: Settings, engine: Engine, version: str,
             return stored[0]
         production = snapshot_rows(settings, engine, version)
         rows, composition = sample_reference(production, settings.drift.reference_size, settings.drift.seed)
-        log.info("building the drift reference of %s version %s: %d questions %s", name, version, len(rows), composition)
+        log.info("building the drift reference of %s version %s: %d questions %s", name, version, len(rows),
+                 composition)
         sample = build_sample(rows, settings.drift.embed_batch_size, on_batch)
-        meta = wanted | {"built_at": utcnow().isoformat(), "composition": composition, "run_id": run_id,
-                         "source_counts": dict(Counter(sample.sources)), "qtype_counts": dict(Counter(sample.qtypes))}
+        meta = wanted | {
+            "built_at": utcnow().isoformat(),
+            "composition": composition,
+            "run_id": run_id,
+            "source_counts": dict(Counter(sample.sources)),
+            "qtype_counts": dict(Counter(sample.qtypes)),
+        }
         save_reference(sample, meta, Path(tmp) / "out")
         client.log_artifacts(run_id, str(Path(tmp) / "out"), ARTIFACT_DIR)
     return sample
@@ -148,9 +154,9 @@ def load_or_build(settings: Settings, engine: Engine, version: str,
 
 def champion_version(settings: Settings) -> str:
     """The version the ``champion`` alias points at; LookupError before a bootstrap."""
-    from deploy.registry import CHAMPION, alias_version, open_registry
-
     from mlflow.exceptions import MlflowException
+
+    from deploy.registry import CHAMPION, alias_version, open_registry
 
     client, name = open_registry(settings)
     try:

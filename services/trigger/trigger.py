@@ -30,7 +30,6 @@ from sqlalchemy import Connection, Engine, insert, select, text, update
 
 from schemas.events import RetrainReason, RetrainRequest, utcnow
 from schemas.settings import Settings, with_overrides
-from services.trigger.export import export_snapshot, record_snapshot
 from services.store import (
     IN_FLIGHT_STATES,
     RetrainRequestRow,
@@ -41,6 +40,7 @@ from services.store import (
     make_engine,
     max_row_id,
 )
+from services.trigger.export import export_snapshot, record_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def republish_pending(settings: Settings, engine: Engine | None = None) -> int:
     with _engine_for(settings, engine) as eng:
         with eng.connect() as conn:
             stmt = select(RetrainRequestRow.request_json).where(RetrainRequestRow.published_at.is_(None))
-            pending = [RetrainRequest.model_validate(p) for p in conn.execute(stmt.order_by(RetrainRequestRow.created_at)).scalars()]
+            stored = conn.execute(stmt.order_by(RetrainRequestRow.created_at)).scalars()
+            pending = [RetrainRequest.model_validate(p) for p in stored]
         for request in pending:
             _publish(settings, request)
             _mark_published(eng, request.request_id)
@@ -200,8 +201,9 @@ def republish_pending(settings: Settings, engine: Engine | None = None) -> int:
         return len(pending)
 
 
-def _automatic(settings: Settings, engine: Engine, reason: RetrainReason, evidence: dict[str, Any],
-               needed_rows: int) -> Decision:
+def _automatic(
+    settings: Settings, engine: Engine, reason: RetrainReason, evidence: dict[str, Any], needed_rows: int
+) -> Decision:
     with _decision_lock(engine, wait=False) as acquired:
         if not acquired:
             return Decision("busy", 0, detail="another trigger is deciding")
@@ -214,8 +216,12 @@ def _automatic(settings: Settings, engine: Engine, reason: RetrainReason, eviden
             log.info("%s trigger waits: %s", reason, gate[1])
             return Decision(gate[0], window.pending, detail=gate[1])
         evidence = {"rows": window.pending, "from_row_id": window.low + 1} | evidence
-        request = RetrainRequest(request_id=RetrainRequest.derive_id(reason, window.watermark), reason=reason,
-                                 evidence=evidence, watermark=window.watermark)
+        request = RetrainRequest(
+            request_id=RetrainRequest.derive_id(reason, window.watermark),
+            reason=reason,
+            evidence=evidence,
+            watermark=window.watermark,
+        )
         return Decision("emitted", window.pending, _emit(settings, engine, request))
 
 
@@ -227,15 +233,16 @@ def check_threshold(settings: Settings, engine: Engine | None = None) -> Decisio
 
 
 def signal_drift(settings: Settings, evidence: dict[str, Any], engine: Engine | None = None) -> RetrainRequest | None:
-    """A drift detector's entry: request a retrain over the new rows, unless cooldown or an in-flight retrain holds it."""
+    """A drift detector's entry: a retrain over the new rows, unless cooldown or an in-flight retrain holds it back."""
     with _engine_for(settings, engine) as eng:
         decision = _automatic(settings, eng, "drift", {"drift": evidence}, needed_rows=1)
     log.info("drift signal: %s (%s)", decision.action, decision.detail or "request emitted")
     return decision.request
 
 
-def emit_manual(settings: Settings, reason_text: str, overrides: dict[str, Any], requested_by: str,
-                engine: Engine | None = None) -> RetrainRequest:
+def emit_manual(
+    settings: Settings, reason_text: str, overrides: dict[str, Any], requested_by: str, engine: Engine | None = None
+) -> RetrainRequest:
     """An operator's request: bypasses threshold and cooldown, queues behind an in-flight retrain."""
     if not reason_text.strip():
         raise ValueError("a manual retrain needs a reason (--reason)")

@@ -11,6 +11,7 @@ import pytest
 from eval_fixtures import FAIL_RULES, PASS_RULES, log_candidate
 from typer.testing import CliRunner
 
+from deploy.registry import RUN_VERSION_TAG, mlflow_client, open_registry
 from evaluator import promotion
 from evaluator.decision import read_decision
 from evaluator.evaluate import run as evaluate_run
@@ -19,7 +20,6 @@ from schemas.data import QAPair
 from schemas.settings import Settings
 from services.cli import build_app
 from trainer.medquad import load_medquad
-from deploy.registry import RUN_VERSION_TAG, mlflow_client, open_registry
 
 pytestmark = pytest.mark.integration
 
@@ -284,7 +284,7 @@ def test_decision_json_is_a_verdict_with_every_rule(make_settings, make_candidat
     raw = json.loads(mlflow.artifacts.load_text(f"runs:/{candidate.run_id}/decision.json"))
     assert raw["candidate_run_id"] == candidate.run_id and raw["baseline_version"] == "1"
     assert [r["name"] for r in raw["rules"]] == [r["name"] for r in FAIL_RULES]
-    for rule, spec in zip(raw["rules"], FAIL_RULES):
+    for rule, spec in zip(raw["rules"], FAIL_RULES, strict=True):
         assert rule["threshold"] == spec["threshold"] and rule["op"] == spec["op"]
         assert isinstance(rule["value"], float) and isinstance(rule["passed"], bool)
 

@@ -16,11 +16,11 @@ from eval_fixtures import log_candidate, save_adapter
 from faulty_proxy import FaultyProxy
 from stream_stack import free_port
 
+from deploy.registry import mlflow_client
 from evaluator import promotion
 from schemas.artifacts import Verdict
 from schemas.settings import with_overrides
 from trainer.model import build_tiny_llama
-from deploy.registry import mlflow_client
 from trainer.registry import bootstrap
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_an_outage_at_any_point_of_a_promotion_never_leaves_an_unsound_alias(reg
     champion = _aliases(settings)["champion"]
     outages = 0
     for k in range(100):
-        with _mlflow_proxy(settings, drop=lambda method, path: len(proxy.forwarded) >= k) as proxy:
+        with _mlflow_proxy(settings, drop=lambda method, path, k=k: len(proxy.forwarded) >= k) as proxy:
             try:
                 promotion.promote(_proxied(settings, proxy), version, actor="tester")
             except Exception:  # noqa: BLE001 - any failure is acceptable, an unsound alias is not

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from deploy.registry import CHAMPION, KIND_ADAPTER, KIND_BASE, mlflow_client
 from schemas.settings import LoraSettings, Settings, with_overrides
 from services.cli import build_app
 from trainer.model import attach_lora, load_base
-from deploy.registry import CHAMPION, KIND_ADAPTER, KIND_BASE, mlflow_client
 from trainer.registry import bootstrap, load_resolved, model_files, resolve
 
 

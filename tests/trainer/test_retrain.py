@@ -14,13 +14,13 @@ import uuid
 
 import pytest
 from mlflow import MlflowClient
-from test_snapshot_reader import EVAL, TRAIN, upload_snapshot, jsonl
+from test_snapshot_reader import EVAL, TRAIN, jsonl, upload_snapshot
 
 from deploy.clients import boto3_s3
+from deploy.registry import BASE_VERSION_TAG, REQUEST_TAG
 from schemas.artifacts import TRAINED_ADAPTER_FILE, TrainedAdapter
 from schemas.events import RetrainRequest
 from schemas.settings import with_overrides
-from deploy.registry import BASE_VERSION_TAG, REQUEST_TAG
 from trainer import tracking
 from trainer.registry import bootstrap
 from trainer.retrain import adapter_lora, check_lora_shape, effective_settings, main, run
@@ -39,13 +39,17 @@ TINY_TRAIN = {
 @pytest.fixture(scope="module")
 def settings(stack, tiny_model_dir):
     """The stack with a registered model of its own whose champion is the tiny base."""
-    settings = with_overrides(stack, {"mlflow": {"registered_model": f"t-retrain-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN})
+    settings = with_overrides(
+        stack, {"mlflow": {"registered_model": f"t-retrain-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN}
+    )
     bootstrap(settings, from_path=tiny_model_dir)
     return settings
 
 
 def _request(**overrides) -> RetrainRequest:
-    return RetrainRequest(request_id=f"rr-test-{uuid.uuid4().hex[:10]}", reason="manual", watermark=0, overrides=overrides)
+    return RetrainRequest(
+        request_id=f"rr-test-{uuid.uuid4().hex[:10]}", reason="manual", watermark=0, overrides=overrides
+    )
 
 
 def _steps_logged(settings, run_id: str) -> list[int]:
@@ -74,10 +78,14 @@ def _checkpoint_keys(settings, request_id: str) -> list[str]:
 
 
 def test_lora_shape_clash_with_the_champion_adapter_fails_fast(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, "target_modules": ["v_proj", "q_proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"r": 16, "lora_alpha": 32, "target_modules": ["v_proj", "q_proj"]})
+    )
     adapter = adapter_lora(tmp_path)
     assert adapter == {"r": 16, "alpha": 32, "target_modules": ("q_proj", "v_proj")}
-    check_lora_shape(_request(train={"lora": {"r": 16, "dropout": 0.2, "target_modules": ["v_proj", "q_proj"]}}), adapter)
+    check_lora_shape(
+        _request(train={"lora": {"r": 16, "dropout": 0.2, "target_modules": ["v_proj", "q_proj"]}}), adapter
+    )
     with pytest.raises(ValueError, match=r"'r': \(8, 16\)"):
         check_lora_shape(_request(train={"lora": {"r": 8}}), adapter)
 
@@ -124,8 +132,13 @@ def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
     assert {"tokens_per_s", "time_per_iter", "peak_memory_mb", "lr", "val_loss"} <= set(mlflow_run.data.metrics)
     files = {a.path for a in client.list_artifacts(adapter.run_id, "adapter")}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= files
-    assert json.loads(open(client.download_artifacts(adapter.run_id, "train_config.json")).read())["train"]["max_steps"] == 4
-    handed_off = TrainedAdapter.model_validate_json(open(client.download_artifacts(adapter.run_id, TRAINED_ADAPTER_FILE)).read())
+    assert (
+        json.loads(open(client.download_artifacts(adapter.run_id, "train_config.json")).read())["train"]["max_steps"]
+        == 4
+    )
+    handed_off = TrainedAdapter.model_validate_json(
+        open(client.download_artifacts(adapter.run_id, TRAINED_ADAPTER_FILE)).read()
+    )
     assert handed_off == adapter  # the evaluator's input is the trainer's output, not rebuilt from tags
 
     rows = json.loads(open(client.download_artifacts(adapter.run_id, "data/rows_by_rank.json")).read())

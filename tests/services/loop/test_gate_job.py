@@ -1,4 +1,4 @@
-"""The gate runs as a Ray job that a restarted orchestrator reattaches to, on the real stack (Ray, MLflow, Kafka, PostgreSQL).
+"""The gate runs as a Ray job that a restarted orchestrator reattaches to, on the real stack (Ray, MLflow, Kafka, PG).
 
 A training run made the way the trainer makes it (adapter + ``trained_adapter.json``) and a finished training job
 stand in for the expensive training; the gate job itself is the real ``python -m evaluator.gate_job``.
@@ -66,11 +66,16 @@ def _orchestrator(settings, engine) -> Orchestrator:
 def test_a_restarted_orchestrator_reattaches_to_the_running_gate_job(stack, tmp_path):
     suffix = uuid.uuid4().hex[:8]
     rules = write_rules(tmp_path / "rules.json", PASS_RULES)
-    env = open_env(stack, {
-        "mlflow.registered_model": f"gate-{suffix}", "mlflow.experiment": f"gate-{suffix}",
-        "evaluate.promotion": "auto", "evaluate.gate_rules": str(rules),
-        **{f"evaluate.{k}": v for k, v in CHEAP_EVAL.items()},
-    })
+    env = open_env(
+        stack,
+        {
+            "mlflow.registered_model": f"gate-{suffix}",
+            "mlflow.experiment": f"gate-{suffix}",
+            "evaluate.promotion": "auto",
+            "evaluate.gate_rules": str(rules),
+            **{f"evaluate.{k}": v for k, v in CHEAP_EVAL.items()},
+        },
+    )
     settings, engine = env.settings, env.engine()
     try:
         request, run_id = _trained_request(env, tmp_path)
@@ -98,8 +103,10 @@ def test_a_restarted_orchestrator_reattaches_to_the_running_gate_job(stack, tmp_
         assert sorted(v.run_id for v in versions if v.run_id == run_id) == [run_id]  # registered once
         phases = [RetrainStatus.model_validate_json(r.value) for r in read_topic(settings, settings.kafka.status_topic)]
         assert [(s.phase, s.run_id) for s in phases] == [("succeeded", run_id), ("promoted", run_id)]
-        assert phases[-1].model_version == mlflow_client(settings).get_registered_model(
-            settings.mlflow.registered_model).aliases[CHAMPION]
+        assert (
+            phases[-1].model_version
+            == mlflow_client(settings).get_registered_model(settings.mlflow.registered_model).aliases[CHAMPION]
+        )
     finally:
         engine.dispose()
         close_env(env)

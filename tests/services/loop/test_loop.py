@@ -13,15 +13,15 @@ import uuid
 import pytest
 from ray.job_submission import JobSubmissionClient
 from sqlalchemy import select
+from stream_stack import close_env, drop_bucket, open_env, read_topic, start_service, stop, wait_for
 
 from deploy.registry import CHAMPION, REQUEST_TAG, alias_version, open_registry
 from schemas.events import RetrainStatus
 from services.loop.orchestrator import gate_submission_id, submission_id
-from services.stream.publisher import medquad_events, publish
-from services.store import RetrainRequestRow
 from services.loop.timeline import retrain_timeline
+from services.store import RetrainRequestRow
+from services.stream.publisher import medquad_events, publish
 from services.trigger.trigger import emit_manual
-from stream_stack import close_env, drop_bucket, open_env, read_topic, start_service, stop, wait_for
 from trainer import tracking
 from trainer.model import build_tiny_llama
 from trainer.registry import bootstrap
@@ -98,7 +98,10 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
         assert done.phase == "promoted", done.detail
         assert [r.reason for r in requests_in_store(loop_env)] == ["threshold"]  # exactly one retrain
         model = settings.mlflow.registered_model
-        assert jobs_of(settings, request_id) == [submission_id(model, request_id, 1), gate_submission_id(model, request_id, 1)]
+        assert jobs_of(settings, request_id) == [
+            submission_id(model, request_id, 1),
+            gate_submission_id(model, request_id, 1),
+        ]
         started = next(s for s in statuses(settings) if s.request_id == request_id and s.phase == "started")
         timeline = retrain_timeline(settings, request_id, started, done)
         assert sum(seconds for _, seconds in timeline.stages) == pytest.approx(timeline.total_s)
@@ -114,8 +117,12 @@ def test_threshold_to_promotion_then_manual_retrain_survives_orchestrator_kill(l
 
         publish(settings, events[50:])  # 10 new rows: below the threshold, in the manual snapshot
         manual = emit_manual(settings, "operator retrain with more steps", {"train": {"max_steps": 6}}, "test")
-        wait_for(lambda: any(s.request_id == manual.request_id and s.phase == "started" for s in statuses(settings)),
-                 120, "the manual job to start", every=1)
+        wait_for(
+            lambda: any(s.request_id == manual.request_id and s.phase == "started" for s in statuses(settings)),
+            120,
+            "the manual job to start",
+            every=1,
+        )
         orchestrator.send_signal(signal.SIGKILL)
         orchestrator.wait()
         orchestrator = start_service(loop_env, tmp_path / "orchestrator.log", "orchestrator")

@@ -16,7 +16,9 @@ class FlakyJobs:
     def submit_job(self, entrypoint: str, submission_id: str, runtime_env: dict) -> str:
         self.submitted.append(submission_id)
         if len(self.submitted) == 1:
-            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later.")
+            raise RuntimeError(
+                "Request failed with status code 500: No available agent to submit job, please try again later."
+            )
         self.accepted.add(submission_id)
         return submission_id
 

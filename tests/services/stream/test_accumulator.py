@@ -9,10 +9,10 @@ from aiokafka import TopicPartition
 from sqlalchemy import func, select
 from stream_events import build_event
 
+from services.store import QAEventRow
 from services.stream import accumulator
 from services.stream.accumulator import BatchSink, TriggerCheck
 from services.stream.ingest import SourceRecord, store_batch
-from services.store import QAEventRow
 
 P0, P1 = TopicPartition("qa.events", 0), TopicPartition("qa.events", 1)
 
@@ -134,4 +134,4 @@ def test_a_batch_keeps_only_records_fetched_since_the_last_revocation(sqlite_set
     records, epoch = asyncio.run(accumulator.next_batch(consumer, sink, size=3, window_s=0.2))
 
     assert epoch == sink.epoch == 1
-    assert [(r.partition, r.offset) for r in records] == [(0, 3), (1, 4)], "what came before the revocation is read again"
+    assert [(r.partition, r.offset) for r in records] == [(0, 3), (1, 4)], "what preceded the revocation is read again"

@@ -19,8 +19,8 @@ from sqlalchemy import delete, select
 
 from schemas.events import DeadLetter, QAEvent
 from schemas.settings import load_settings
-from services.stream.ingest import Rejection, SourceRecord, dead_letter, split_batch, store_batch, validate_record
 from services.store import QAEventRow, create_schema, make_engine
+from services.stream.ingest import Rejection, SourceRecord, dead_letter, split_batch, store_batch, validate_record
 
 MAX_BYTES, MAX_TEXT = 6_000, 1_500
 CONFIG = load_settings([f"kafka.max_message_bytes={MAX_BYTES}", f"stream.max_text_chars={MAX_TEXT}",

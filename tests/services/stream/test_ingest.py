@@ -6,12 +6,20 @@ import base64
 import json
 
 import pytest
-from stream_events import build_event
 from sqlalchemy import func, select
+from stream_events import build_event
 
 from schemas.settings import load_settings
-from services.stream.ingest import Rejection, SourceRecord, dead_letter, event_row, split_batch, store_batch, validate_record
 from services.store import QAEventRow, create_schema, make_engine
+from services.stream.ingest import (
+    Rejection,
+    SourceRecord,
+    dead_letter,
+    event_row,
+    split_batch,
+    store_batch,
+    validate_record,
+)
 
 
 def _raw(**fields) -> bytes:

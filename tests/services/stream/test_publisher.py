@@ -29,11 +29,16 @@ def test_missing_event_id_is_derived_from_question_and_answer():
 
 
 def test_csv_rows_validate_and_empty_cells_mean_absent():
-    text = "question,answer,source,user_rating\nWhat is X?,X is Y.,csv,4\nWhy?,,csv,\nQ?,A.,csv,9\nQ2?,A2.,csv,1,extra\n"
+    text = (
+        "question,answer,source,user_rating\nWhat is X?,X is Y.,csv,4\nWhy?,,csv,\nQ?,A.,csv,9\nQ2?,A2.,csv,1,extra\n"
+    )
     out = list(read_csv(io.StringIO(text)))
     assert out[0].user_rating == 4 and out[0].qtype is None
-    assert [(r.line, "answer" in r.reason or "user_rating" in r.reason or "cells" in r.reason)
-            for r in out[1:]] == [(3, True), (4, True), (5, True)]
+    assert [(r.line, "answer" in r.reason or "user_rating" in r.reason or "cells" in r.reason) for r in out[1:]] == [
+        (3, True),
+        (4, True),
+        (5, True),
+    ]
 
 
 def test_medquad_sample_is_seeded_and_republishing_repeats_ids():

@@ -90,7 +90,9 @@ def _assert_snapshot_matches_store(env, request: RetrainRequest) -> None:
     engine.dispose()
     ids = [r.event_id for r in rows]
     assert manifest.max_row_id == request.watermark and manifest.row_count == len(ids)
-    assert [p.event_id for p in train] == [i for i in ids if not in_eval_slice(i, env.settings.trigger.prod_eval_fraction)]
+    assert [p.event_id for p in train] == [
+        i for i in ids if not in_eval_slice(i, env.settings.trigger.prod_eval_fraction)
+    ]
     assert [p.event_id for p in evals] == [i for i in ids if in_eval_slice(i, env.settings.trigger.prod_eval_fraction)]
     assert (manifest.first_event_id, manifest.last_event_id) == (ids[0], ids[-1])
     expected_offsets: dict[str, int] = {}
@@ -102,8 +104,14 @@ def _assert_snapshot_matches_store(env, request: RetrainRequest) -> None:
 
 def test_5000_events_with_malformed_and_duplicates_give_exact_counts(env_factory, tmp_path):
     port = free_port()
-    env = env_factory(**{"kafka.max_message_bytes": MAX_BYTES, "stream.metrics_port": port,
-                         "trigger.threshold": 2000, "trigger.cooldown_s": 3600})
+    env = env_factory(
+        **{
+            "kafka.max_message_bytes": MAX_BYTES,
+            "stream.metrics_port": port,
+            "trigger.threshold": 2000,
+            "trigger.cooldown_s": 3600,
+        }
+    )
     valid = [build_event(i) for i in range(4500)]
     duplicates = random.Random(3).sample(valid, 250)
     malformed = dict(_malformed(i) for i in range(250))
@@ -117,8 +125,17 @@ def test_5000_events_with_malformed_and_duplicates_give_exact_counts(env_factory
     def handled_all() -> bool:
         """Every record accepted, counted as a duplicate or dead-lettered (consumed counts at batch start)."""
         assert accumulator.poll() is None, f"accumulator exited, see {tmp_path / 'accumulator.log'}"
-        handled = {k: v for k, v in scrape(port).items() if k.startswith(("medretrain_events_accepted_total",
-                   "medretrain_events_duplicate_total", "medretrain_events_dead_lettered_total"))}
+        handled = {
+            k: v
+            for k, v in scrape(port).items()
+            if k.startswith(
+                (
+                    "medretrain_events_accepted_total",
+                    "medretrain_events_duplicate_total",
+                    "medretrain_events_dead_lettered_total",
+                )
+            )
+        }
         return sum(handled.values()) == 5000
 
     try:
@@ -139,9 +156,12 @@ def test_5000_events_with_malformed_and_duplicates_give_exact_counts(env_factory
         assert letter.source_topic == env.settings.kafka.events_topic and letter.offset >= 0
     assert sum(v for k, v in metrics.items() if k.startswith("medretrain_events_dead_lettered_total")) == 250
     assert {k for k in metrics if k.startswith("medretrain_consumer_lag{")} == {
-        f'medretrain_consumer_lag{{partition="{p}",topic="{env.settings.kafka.events_topic}"}}' for p in (0, 1)}
+        f'medretrain_consumer_lag{{partition="{p}",topic="{env.settings.kafka.events_topic}"}}' for p in (0, 1)
+    }
 
-    requests = [RetrainRequest.model_validate_json(r.value) for r in read_topic(env.settings, env.settings.kafka.requests_topic)]
+    requests = [
+        RetrainRequest.model_validate_json(r.value) for r in read_topic(env.settings, env.settings.kafka.requests_topic)
+    ]
     assert len(requests) == 1, "threshold + cooldown: exactly one request"
     assert requests[0].reason == "threshold" and requests[0].evidence["rows"] >= 2000
     _assert_snapshot_matches_store(env, requests[0])
@@ -158,8 +178,14 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(env_factory, tmp_path):
             accumulator = start_accumulator(env, tmp_path / "accumulator.log")
             before = stored_count(engine)
             # Kill as soon as this run has stored a few batches: records are flowing, most are still unread.
-            wait_for(lambda: stored_count(engine) >= before + 300 or accumulator.poll() is not None, 120,
-                     "the accumulator to store rows", every=0.05)
+            wait_for(
+                lambda before=before, accumulator=accumulator: (
+                    stored_count(engine) >= before + 300 or accumulator.poll() is not None
+                ),
+                120,
+                "the accumulator to store rows",
+                every=0.05,
+            )
             assert accumulator.poll() is None, f"accumulator exited, see {tmp_path / 'accumulator.log'}"
             stop(accumulator, signal.SIGKILL)
             kills.append(stored_count(engine))
@@ -177,20 +203,24 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(env_factory, tmp_path):
 
 
 def _store_events(env, n: int, start: int = 0) -> None:
-    from services.stream.ingest import SourceRecord, event_row
     from services.store import insert_events
+    from services.stream.ingest import SourceRecord, event_row
 
     engine = env.engine()
     with engine.begin() as conn:
-        rows = [event_row(build_event(i), SourceRecord(env.settings.kafka.events_topic, i % 2, i // 2, b""))
-                for i in range(start, start + n)]
+        rows = [
+            event_row(build_event(i), SourceRecord(env.settings.kafka.events_topic, i % 2, i // 2, b""))
+            for i in range(start, start + n)
+        ]
         insert_events(conn, rows)
     engine.dispose()
 
 
 def _requests_on_topic(env) -> list[RetrainRequest]:
-    return [RetrainRequest.model_validate_json(r.value)
-            for r in read_topic(env.settings, env.settings.kafka.requests_topic, idle_ms=1500)]
+    return [
+        RetrainRequest.model_validate_json(r.value)
+        for r in read_topic(env.settings, env.settings.kafka.requests_topic, idle_ms=1500)
+    ]
 
 
 def _set_state(env, request_id: str, state: str) -> None:
@@ -275,8 +305,13 @@ def _cli(env, *args: str):
 def test_cli_publish_reports_bad_lines_and_retrain_publishes_a_request(env_factory, tmp_path):
     env = env_factory()
     good = [build_event(i) for i in range(3)]
-    lines = [good[0].model_dump_json(), '{"question": "no answer", "source": "x"}', good[1].model_dump_json(),
-             "not json", good[2].model_dump_json()]
+    lines = [
+        good[0].model_dump_json(),
+        '{"question": "no answer", "source": "x"}',
+        good[1].model_dump_json(),
+        "not json",
+        good[2].model_dump_json(),
+    ]
     source = tmp_path / "events.jsonl"
     source.write_text("\n".join(lines) + "\n")
 

@@ -41,7 +41,9 @@ def consumer_questions(focuses: Sequence[str], n: int, seed: int) -> list[str]:
     """``n`` distinct consumer-style questions about the given topics (seeded)."""
     topics = sorted({f.strip() for f in focuses if f and f.strip()})
     if len(topics) * len(CONSUMER_TEMPLATES) < n:
-        raise ValueError(f"{len(topics)} topics x {len(CONSUMER_TEMPLATES)} templates cannot give {n} distinct questions")
+        raise ValueError(
+            f"{len(topics)} topics x {len(CONSUMER_TEMPLATES)} templates cannot give {n} distinct questions"
+        )
     rng = random.Random(seed)
     chosen: set[tuple[int, str]] = set()
     while len(chosen) < n:

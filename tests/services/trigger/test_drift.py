@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
+from drift_shifts import consumer_questions
 from stream_events import build_event
 
 from schemas.settings import DriftSettings
@@ -23,7 +24,6 @@ from services.trigger.drift import (
     topic_groups,
 )
 from services.trigger.drift_reference import Row, medquad_rows, sample_reference
-from drift_shifts import consumer_questions
 
 SMALL = DriftSettings(window_size=100, reference_size=300, permutations=200, seed=3)
 
@@ -156,8 +156,8 @@ def _register_champion(settings) -> str:
 
 
 def _store_rows(env, rows: list[Row], start: int) -> None:
-    from services.stream.ingest import SourceRecord, event_row
     from services.store import insert_events
+    from services.stream.ingest import SourceRecord, event_row
 
     engine = env.engine()
     with engine.begin() as conn:
@@ -184,9 +184,9 @@ def _set_state(env, request_id: str, state: str) -> None:
 def test_drift_emits_one_request_per_cooldown_with_evidence_in_mlflow(stack, caplog):
     from stream_stack import close_env, open_env, read_topic
 
+    from deploy.registry import mlflow_client as client
     from schemas.events import RetrainRequest
     from services.trigger.drift_monitor import DriftMonitor
-    from deploy.registry import mlflow_client as client
 
     suffix = uuid.uuid4().hex[:10]
     env = open_env(stack, {"mlflow.registered_model": f"drift-test-{suffix}", "drift.window_size": SMALL.window_size,

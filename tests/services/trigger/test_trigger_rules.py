@@ -9,10 +9,10 @@ from sqlalchemy import func, insert, select
 from stream_events import build_event
 
 from schemas.events import RetrainRequest, utcnow
-from services.stream.ingest import SourceRecord, event_row
 from schemas.settings import with_overrides
-from services.trigger.export import SnapshotWriteError, in_eval_slice, snapshot_id_for
 from services.store import RetrainRequestRow, SnapshotRow, insert_events
+from services.stream.ingest import SourceRecord, event_row
+from services.trigger.export import SnapshotWriteError, in_eval_slice, snapshot_id_for
 from services.trigger.trigger import check_threshold, emit_manual, signal_drift
 
 
