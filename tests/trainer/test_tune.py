@@ -6,12 +6,13 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
+from deploy.registry import KIND_TAG
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, with_overrides
 from trainer import tracking
+from trainer.data import steps_for_epochs
 from trainer.registry import bootstrap
 from trainer.retrain import effective_settings, steps_from_epochs
-from trainer.data import steps_for_epochs
 from trainer.tune import run_tune, search_space, trial_overrides
 
 TINY_TRAIN = {
@@ -58,11 +59,16 @@ def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_
 
     client = MlflowClient(settings.mlflow.tracking_uri)
     parents = client.search_runs(
-        [tracking.experiment_id(settings)], filter_string=f"tags.`{tracking.KIND_TAG}` = 'tune'", order_by=["attributes.start_time DESC"], max_results=1
+        [tracking.experiment_id(settings)],
+        filter_string=f"tags.`{KIND_TAG}` = 'tune'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     parent = parents[0]
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 2 and all(c.data.tags[tracking.KIND_TAG] == "tune-trial" for c in children)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2 and all(c.data.tags[KIND_TAG] == "tune-trial" for c in children)
     assert all("val_loss" in c.data.metrics for c in children)
     assert json.loads((tmp_path / "best.json").read_text()) == best
     assert {"lr", "micro_batch_size", "lora", "epochs"} == set(best) and best["epochs"] in (0.5, 1)
@@ -72,6 +78,8 @@ def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_
     assert all(t["val_loss"] is not None for t in search["trials"])
 
     request = RetrainRequest(request_id="rr-x", reason="manual", watermark=0, overrides={"train": {"lr": 0.5}})
-    tuned = effective_settings(with_overrides(settings, {"train": {"tuned_config": str(tmp_path / "best.json")}}), request)
+    tuned = effective_settings(
+        with_overrides(settings, {"train": {"tuned_config": str(tmp_path / "best.json")}}), request
+    )
     assert tuned.train.lora.r == best["lora"]["r"] and tuned.train.micro_batch_size == best["micro_batch_size"]
     assert tuned.train.lr == 0.5  # the request's own override wins over the tuned default
