@@ -19,7 +19,10 @@ from trainer.module import LoraFineTune, RankData
 from trainer.packing import IGNORE
 
 # One letter per row: every row is 44 tokens with 10 answer tokens, so no micro-batch pads and all weigh the same.
-ROWS = [QAPair(question=f"What causes condition {c}?", answer=f"Condition {c} is caused by factor {c}.", source="t") for c in "ABCD"]
+ROWS = [
+    QAPair(question=f"What causes condition {c}?", answer=f"Condition {c} is caused by factor {c}.", source="t")
+    for c in "ABCD"
+]
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
 
@@ -83,7 +86,8 @@ def test_accumulating_two_micro_batches_of_2_equals_one_of_4(tiny_model_dir: Pat
     assert sum(two.losses) / 2 == pytest.approx(one.losses[0], rel=1e-6)
     assert len(whole.steps) == len(halves.steps) == 1  # one optimizer step each
     grads, accumulated = whole.steps[0], halves.steps[0]
-    assert grads.keys() == accumulated.keys() and any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
+    assert grads.keys() == accumulated.keys()
+    assert any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
     assert all(g.abs().max() > 0 for g in grads.values())  # A and B both receive gradient: the equality is not 0 == 0
     for name, grad in grads.items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
