@@ -221,7 +221,7 @@ def run_variant(name: str, args) -> dict:
     flex = VARIANTS[name]["attn_implementation"] == "flex_attention"  # varlen runs its per-pair CPU path
     overrides = {**SMOKE_TRAIN, **(NO_FLEX if flex else {})} if args.smoke else {}
     steps = {"max_steps": args.warmup + args.steps, "warmup_steps": 2}
-    train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps})
+    train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps, "use_gpu": not args.smoke})
     if name in LIGER:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

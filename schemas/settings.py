@@ -145,7 +145,7 @@ class TrainSettings(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     precision: Precision = "32-true"
-    """bf16-true on GPUs; CPUs here train fastest in fp32."""
+    """bf16-true on GPUs; CPUs here train fastest in fp32; 16-mixed (fp16 autocast) needs a GPU."""
     lr: float = Field(5e-4, gt=0)
     """Found by the Tune search of docs/quality.md (SmolLM2-135M on MedQuAD, LoRA r16/alpha 32)."""
     warmup_steps: int = Field(10, ge=0)
@@ -236,6 +236,11 @@ class TrainSettings(_Section):
         if self.attn_implementation == "varlen" and self.use_gpu and self.precision == "32-true":
             problems.append(
                 "attn_implementation=varlen on a GPU needs bf16 or fp16 (FlashAttention has no fp32 kernel)"
+            )
+        if self.precision == "16-mixed" and not self.use_gpu:
+            # Lightning would quietly train in bf16-mixed instead, and the run's params would name the wrong precision.
+            problems.append(
+                "precision=16-mixed (fp16) needs a GPU: set train.use_gpu=true, or on the CPU use bf16-mixed or bf16-true"
             )
         if self.fold_lora and (self.lora.dropout or self.precision.endswith("-mixed")):
             # Dropout would need its own mask per layer; autocast does not reach a custom backward.

@@ -2,7 +2,7 @@
 
 flex_attention computes every (query block, key block) tile its block mask lists and masks inside the
 partial ones. MedQuAD's pairs average ~340 tokens in 2048-token rows, so with 128-token blocks it
-computes ~58% more than the pairs' causal area, with 64-token blocks ~28% (docs/benchmarks.md, run 9).
+computes ~58% more than the pairs' causal area, with 64-token blocks ~28% (docs/perf-log.md, run 9).
 transformers builds the mask at flex's default size; ``use_flex_block_size`` makes it rebuild the
 mask at the configured size, and makes inductor's backward heuristic offer tiles that fit it.
 """

@@ -95,9 +95,16 @@ def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
         load_settings(["train.attn_implementation=varlen", "train.fold_lora=true"])
 
 
+def test_fp16_is_refused_on_the_cpu_with_the_fix_named():
+    assert load_settings(["train.use_gpu=true", "train.precision=16-mixed"]).train.precision == "16-mixed"
+    assert load_settings(["train.precision=bf16-mixed"]).train.precision == "bf16-mixed"
+    with pytest.raises(ValueError, match=r"16-mixed \(fp16\) needs a GPU: set train.use_gpu=true, or on the CPU use bf16"):
+        load_settings(["train.precision=16-mixed"])
+
+
 def test_fold_lora_needs_no_dropout_and_no_autocast():
     assert load_settings(["train.fold_lora=true", "train.lora.dropout=0", "train.precision=bf16-true"]).train.fold_lora
-    for bad in (["train.lora.dropout=0.05"], ["train.lora.dropout=0", "train.precision=16-mixed"]):
+    for bad in (["train.lora.dropout=0.05"], ["train.lora.dropout=0", "train.precision=bf16-mixed"]):
         with pytest.raises(ValueError, match="fold_lora needs"):
             load_settings(["train.fold_lora=true", *bad])
 

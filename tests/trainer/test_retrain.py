@@ -117,7 +117,10 @@ def test_the_ray_entry_point_takes_json_only_never_a_store_id():
 @ray_test
 def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
     snapshot_id = upload_snapshot(settings, {"train.jsonl": jsonl(TRAIN), "eval.jsonl": jsonl(EVAL)})
-    request = _request(train={"keep_checkpoints": 1}).model_copy(update={"snapshot_id": snapshot_id})
+    # Accumulation and bf16 autocast from the request: the params must record what the workers ran, not the defaults.
+    # 4 steps x 2 micro-batches x 2 rows x 2 ranks read 32 rows: 35 rows keep that within one pass (disjoint ranks).
+    train = {"keep_checkpoints": 1, "gradient_accum": 2, "precision": "bf16-mixed", "replay_min_rows": 32}
+    request = _request(train=train).model_copy(update={"snapshot_id": snapshot_id})
     adapter = run(settings, request)
 
     assert adapter.steps == 4 and adapter.train_loss is not None and adapter.val_loss is not None
@@ -128,7 +131,10 @@ def test_two_workers_train_log_adapter_and_checkpoint_to_s3(settings):
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags[REQUEST_TAG] == request.request_id
     assert mlflow_run.data.tags["lineage.snapshot_id"] == snapshot_id
-    assert mlflow_run.data.params["lora_r"] == "4" and mlflow_run.data.params["num_gpus"] == "0"
+    params = mlflow_run.data.params
+    assert (params["lora_r"], params["num_gpus"], params["num_workers"]) == ("4", "0", "2")
+    assert (params["gradient_accum"], params["mixed_precision"]) == ("2", "bf16-mixed")
+    assert params["global_batch_size"] == "8"  # micro-batch 2 x accumulation 2 x 2 workers
     assert {"tokens_per_s", "time_per_iter", "peak_memory_mb", "lr", "val_loss"} <= set(mlflow_run.data.metrics)
     files = {a.path for a in client.list_artifacts(adapter.run_id, "adapter")}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= files
