@@ -240,7 +240,8 @@ class TrainSettings(_Section):
         if self.precision == "16-mixed" and not self.use_gpu:
             # Lightning would quietly train in bf16-mixed instead, and the run's params would name the wrong precision.
             problems.append(
-                "precision=16-mixed (fp16) needs a GPU: set train.use_gpu=true, or on the CPU use bf16-mixed or bf16-true"
+                "precision=16-mixed (fp16) needs a GPU: set train.use_gpu=true, "
+                "or on the CPU use bf16-mixed or bf16-true"
             )
         if self.fold_lora and (self.lora.dropout or self.precision.endswith("-mixed")):
             # Dropout would need its own mask per layer; autocast does not reach a custom backward.

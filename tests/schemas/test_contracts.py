@@ -98,7 +98,8 @@ def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
 def test_fp16_is_refused_on_the_cpu_with_the_fix_named():
     assert load_settings(["train.use_gpu=true", "train.precision=16-mixed"]).train.precision == "16-mixed"
     assert load_settings(["train.precision=bf16-mixed"]).train.precision == "bf16-mixed"
-    with pytest.raises(ValueError, match=r"16-mixed \(fp16\) needs a GPU: set train.use_gpu=true, or on the CPU use bf16"):
+    fix = r"16-mixed \(fp16\) needs a GPU: set train.use_gpu=true, or on the CPU use bf16"
+    with pytest.raises(ValueError, match=fix):
         load_settings(["train.precision=16-mixed"])
 
 
