@@ -87,3 +87,5 @@ def yaml_documents(path: Path) -> list[dict[str, Any]]:
 
 URL_PASSWORD = re.compile(r"://[^/:@\s]+:([^@\s]+)@")
 """The password part of ``scheme://user:password@host`` URLs."""
+SECRET_NAME = re.compile(r"(^|_)(PASSWORD|SECRET|ACCESS_KEY|TOKEN)(_|$)")
+"""Names of variables that hold a credential (``TOKENIZERS_PARALLELISM`` is not one)."""

@@ -11,12 +11,19 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from tests.deploy.manifests import REPO, URL_PASSWORD, load_schema, schema_errors, setting_path, settings_from
+from tests.deploy.manifests import (
+    REPO,
+    SECRET_NAME,
+    URL_PASSWORD,
+    load_schema,
+    schema_errors,
+    setting_path,
+    settings_from,
+)
 
 COMPOSE = REPO / "docker-compose.yaml"
 ENV_EXAMPLE = REPO / "deploy" / "compose" / "compose.env.example"
 VARIABLE = re.compile(r"\$\{(\w+)(?::[?-][^}]*)?\}")
-SECRET_NAME = re.compile(r"(^|_)(PASSWORD|SECRET|ACCESS_KEY|TOKEN)(_|$)")
 ONLY_A_VARIABLE = re.compile(r"\$\{\w+:\?[^}]*\}")
 LONG_RUNNING_RESTART = "unless-stopped"
 
