@@ -88,7 +88,7 @@ def test_kustomization_applies_every_manifest() -> None:
 
 def test_core_objects_conform_to_kubernetes(documents: list[dict[str, Any]]) -> None:
     core = [d for d in documents if not d["apiVersion"].startswith("ray.io/")]
-    assert {d["kind"] for d in core} == {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "NetworkPolicy"}
+    assert {d["kind"] for d in core} == {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Job", "NetworkPolicy"}
     for document in core:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
