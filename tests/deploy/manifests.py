@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ def schema_errors(document: Any, schema: dict[str, Any]) -> list[str]:
     """Every violation, each as ``path: message`` (empty when the document conforms)."""
     validator = jsonschema.validators.validator_for(schema)(schema)
     return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def mappings_with(node: Any, key: str, value_type: type) -> Iterator[dict[str, Any]]:
+    """Every mapping, at any depth, whose ``key`` holds a ``value_type`` (pod specs by "containers", ...)."""
+    if isinstance(node, dict):
+        if isinstance(node.get(key), value_type):
+            yield node
+        for value in node.values():
+            yield from mappings_with(value, key, value_type)
+    elif isinstance(node, list):
+        for item in node:
+            yield from mappings_with(item, key, value_type)
 
 
 def yaml_documents(path: Path) -> list[dict[str, Any]]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.deploy.manifests import REPO, VARIANTS, image_variant, yaml_documents
+from tests.deploy.manifests import (
+    REPO,
+    VARIANTS,
+    image_variant,
+    mappings_with,
+    yaml_documents,
+)
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 
@@ -17,18 +21,6 @@ DOCKERFILE = REPO / "deploy" / "Dockerfile"
 def _build_args() -> dict[str, str]:
     """``ARG NAME=default`` lines of the Dockerfile."""
     return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.MULTILINE))
-
-
-def _images(node: Any) -> Iterator[dict[str, Any]]:
-    """Every mapping with an ``image`` key (compose services, Kubernetes containers)."""
-    if isinstance(node, dict):
-        if isinstance(node.get("image"), str):
-            yield node
-        for value in node.values():
-            yield from _images(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _images(item)
 
 
 def test_dockerfile_builds_either_variant_as_a_non_root_user() -> None:
@@ -47,7 +39,7 @@ def test_dockerfile_builds_either_variant_as_a_non_root_user() -> None:
 
 def test_compose_images_name_the_variant_they_build() -> None:
     services = yaml.safe_load((REPO / "docker-compose.yaml").read_text())["services"]
-    built = [s for s in _images(services) if "build" in s]
+    built = [s for s in mappings_with(services, "image", str) if "build" in s]
     assert len(built) >= 5
     for service in built:
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -57,7 +49,7 @@ def test_compose_images_name_the_variant_they_build() -> None:
 
 def test_kubernetes_images_are_the_dockerfiles_variants() -> None:
     documents = [d for path in (REPO / "deploy" / "k8s").glob("*.yaml") for d in yaml_documents(path)]
-    containers = list(_images(documents))
+    containers = list(mappings_with(documents, "image", str))
     assert len(containers) >= 7
     assert {image_variant(c["image"]) for c in containers} == set(VARIANTS)
 

@@ -22,6 +22,7 @@ from tests.deploy.manifests import (
     closed,
     image_variant,
     load_schema,
+    mappings_with,
     schema_errors,
     setting_path,
     settings_from,
@@ -57,15 +58,8 @@ def _one(documents: list[dict[str, Any]], kind: str, name: str | None = None) ->
 
 
 def _pod_specs(node: Any) -> Iterator[dict[str, Any]]:
-    """Every pod spec in a manifest (Deployments', and each Ray group's template)."""
-    if isinstance(node, dict):
-        if isinstance(node.get("containers"), list):
-            yield node
-        for value in node.values():
-            yield from _pod_specs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _pod_specs(item)
+    """Every pod spec in a manifest (Deployments', the Job's, and each Ray group's template)."""
+    return mappings_with(node, "containers", list)
 
 
 def _containers(documents: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
