@@ -218,3 +218,17 @@ def test_deployments_run_the_services_commands(documents: list[dict[str, Any]]) 
         spec = _one(documents, "Deployment", name)["spec"]["template"]["spec"]
         assert spec["containers"][0]["command"] == command
         assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_ray_pods_admit_only_medretrain_pods_and_the_operator(documents: list[dict[str, Any]]) -> None:
+    policy = _one(documents, "NetworkPolicy", "medretrain-ray-ingress")["spec"]
+    assert policy["podSelector"] == {"matchExpressions": [{"key": "ray.io/cluster", "operator": "Exists"}]}
+    [rule] = policy["ingress"]
+    admitted = next(p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p)
+    assert any("namespaceSelector" in p for p in rule["from"]), "the KubeRay operator drives the dashboard"
+    # Every pod that talks to Ray (the orchestrator submits jobs; Ray nodes talk to each other) carries the label.
+    for document in documents:
+        for template in mappings_with(document, "spec", dict):
+            if "containers" in template["spec"]:
+                labels = template.get("metadata", {}).get("labels", {})
+                assert admitted.items() <= labels.items(), f"{document['kind']}/{document['metadata']['name']}"
