@@ -58,3 +58,8 @@ def test_a_foreign_or_unversioned_image_is_caught() -> None:
     for image in ("medretrain:latest", "ghcr.io/medretrain/medretrain:latest", "ghcr.io/other/medretrain:0.1.0-cpu"):
         with pytest.raises(AssertionError):
             image_variant(image)
+
+
+def test_build_context_leaves_out_the_operators_secrets() -> None:
+    ignored = (REPO / "deploy" / "Dockerfile.dockerignore").read_text().split()
+    assert {".env", "deploy/k8s/secrets.yaml", ".medretrain"} <= set(ignored)
