@@ -61,7 +61,8 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 def closed(schema: Any) -> Any:
-    """A copy of a structural (CRD) schema that rejects unknown fields, as the API server's strict field validation does.
+    """A copy of a structural (CRD) schema that rejects unknown fields,
+    as the API server's strict field validation does.
 
     CRD schemas leave ``additionalProperties`` out and the server prunes or rejects unknown fields; jsonschema would
     accept them silently, so a typo'd key would pass.
@@ -71,7 +72,8 @@ def closed(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     result = {key: closed(value) for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    preserves_unknown = schema.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in schema and "additionalProperties" not in schema and not preserves_unknown:
         result["additionalProperties"] = False
     return result
 

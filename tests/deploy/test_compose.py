@@ -178,7 +178,8 @@ def test_kafka_keeps_topics_on_its_volume_and_listens_for_containers_and_host(co
     named_volumes = {v.split(":")[1] for v in kafka["volumes"] if not v.startswith((".", "/"))}
     assert env["KAFKA_LOG_DIRS"] in named_volumes, "Kafka's log dir is not on a volume: a restart loses the topics"
     listeners = dict(item.split("://") for item in env["KAFKA_LISTENERS"].split(","))
-    advertised = {name: urlsplit(f"tcp://{address}") for name, address in (a.split("://") for a in env["KAFKA_ADVERTISED_LISTENERS"].split(","))}
+    pairs = (a.split("://") for a in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    advertised = {name: urlsplit(f"tcp://{address}") for name, address in pairs}
     protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     assert set(listeners) <= set(protocols)
     assert set(advertised) == set(listeners) - {env["KAFKA_CONTROLLER_LISTENER_NAMES"]}
@@ -250,7 +251,8 @@ def _secret_problems(node: Any, where: str) -> list[str]:
     if isinstance(node, list):
         return [p for i, item in enumerate(node) for p in _secret_problems(item, f"{where}[{i}]")]
     if isinstance(node, str):
-        return [f"{where}: {node}" for password in URL_PASSWORD.findall(node) if not ONLY_A_VARIABLE.fullmatch(password)]
+        passwords = URL_PASSWORD.findall(node)
+        return [f"{where}: {node}" for password in passwords if not ONLY_A_VARIABLE.fullmatch(password)]
     return []
 
 

@@ -71,7 +71,14 @@ def _containers(documents: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str
 
 def _settings_env(documents: list[dict[str, Any]]) -> dict[str, str]:
     """What a pod with ``envFrom`` the settings ConfigMap and the credentials Secret sees."""
-    return _one(documents, "ConfigMap", "medretrain-settings")["data"] | _one(documents, "Secret", "medretrain-secrets")["stringData"]
+    config = _one(documents, "ConfigMap", "medretrain-settings")["data"]
+    return config | _one(documents, "Secret", "medretrain-secrets")["stringData"]
+
+
+def _manifest_settings(documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch):
+    """The Settings the manifests' MEDRETRAIN_* variables give a pod."""
+    env = {k: v for k, v in _settings_env(documents).items() if k.startswith("MEDRETRAIN_")}
+    return settings_from(env, monkeypatch)
 
 
 def test_kustomization_applies_every_manifest() -> None:
@@ -82,7 +89,8 @@ def test_kustomization_applies_every_manifest() -> None:
 
 def test_core_objects_conform_to_kubernetes(documents: list[dict[str, Any]]) -> None:
     core = [d for d in documents if not d["apiVersion"].startswith("ray.io/")]
-    assert {d["kind"] for d in core} == {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Job", "NetworkPolicy"}
+    kinds = {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Job", "NetworkPolicy"}
+    assert {d["kind"] for d in core} == kinds
     for document in core:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
@@ -118,8 +126,10 @@ def test_every_medretrain_variable_is_a_setting(documents: list[dict[str, Any]])
         setting_path(variable)
 
 
-def test_endpoints_are_defined_here_or_documented(documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = settings_from({k: v for k, v in _settings_env(documents).items() if k.startswith("MEDRETRAIN_")}, monkeypatch)
+def test_endpoints_are_defined_here_or_documented(
+    documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _manifest_settings(documents, monkeypatch)
     cluster = _one(documents, "RayCluster")
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
@@ -136,7 +146,8 @@ def test_endpoints_are_defined_here_or_documented(documents: list[dict[str, Any]
     }
     services = {d["metadata"]["name"] for d in documents if d["kind"] == "Service"}
     for role, host in external.items():
-        assert host in services or f"`{host}`" in deploy_doc, f"{role} endpoint {host}: neither a Service here nor in docs/deploy.md"
+        why = f"{role} endpoint {host}: neither a Service here nor in docs/deploy.md"
+        assert host in services or f"`{host}`" in deploy_doc, why
 
 
 def test_credentials_live_in_secrets_only(documents: list[dict[str, Any]]) -> None:
@@ -177,12 +188,14 @@ def test_gpus_are_asked_only_of_cuda_images(documents: list[dict[str, Any]]) -> 
     assert list(variants.values()).count("cuda") == 1
 
 
-def test_rayservice_serves_the_answers_serve_config(documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rayservice_serves_the_answers_serve_config(
+    documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = _one(documents, "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     shipped = yaml.safe_load((REPO / "deploy" / "serve" / "answers.yaml").read_text())
     assert config["applications"] == shipped["applications"]
-    settings = settings_from({k: v for k, v in _settings_env(documents).items() if k.startswith("MEDRETRAIN_")}, monkeypatch)
+    settings = _manifest_settings(documents, monkeypatch)
     assert config["http_options"] == {"host": settings.serve.host, "port": settings.serve.port}
     ray_cluster = service["spec"]["rayClusterConfig"]
     head = ray_cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -196,7 +209,9 @@ def test_rayservice_serves_the_answers_serve_config(documents: list[dict[str, An
         ]
 
 
-def test_accumulator_metrics_reach_its_service(documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accumulator_metrics_reach_its_service(
+    documents: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     deployment = _one(documents, "Deployment", "medretrain-accumulator")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {k: v for k, v in _settings_env(documents).items() if k.startswith("MEDRETRAIN_")}
