@@ -315,9 +315,12 @@ def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from deploy.clients import use_mlflow
+    from deploy.registry import mlflow_client
 
-    use_mlflow(settings)
+    try:
+        mlflow_client(settings).get_run(run_id)
+    except MlflowException as e:
+        raise LookupError(f"no MLflow run {run_id!r} on {settings.mlflow.tracking_uri}") from e
     try:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINED_ADAPTER_FILE}")
     except MlflowException as e:

@@ -20,6 +20,7 @@ from schemas.data import QAPair
 from schemas.settings import Settings
 from services.cli import build_app
 from trainer.medquad import load_medquad
+from trainer.tracking import experiment_id
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +201,9 @@ def test_failing_candidate_leaves_the_champion_and_needs_force_with_reason(make_
     assert no_challenger.exit_code == 1 and "no challenger" in no_challenger.output
     unknown = cli(settings, "evaluate", "--run", "0123456789abcdef0123456789abcdef")
     assert unknown.exit_code == 1 and "no MLflow run" in unknown.output
+    bare = mlflow_client(settings).create_run(experiment_id(settings)).info.run_id  # not made by the trainer
+    untrained = cli(settings, "evaluate", "--run", bare)
+    assert untrained.exit_code == 1 and "has no trained_adapter.json" in " ".join(untrained.output.split())
 
     with pytest.raises(promotion.RegistryError, match="did not pass the gate"):
         promotion.promote(settings, version, actor="bob")
