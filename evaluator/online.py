@@ -74,7 +74,7 @@ def regate(settings: Settings, verdict: Verdict, evidence: OnlineEvidence | None
 def refresh_decision(settings: Settings, version: str, evidence: OnlineEvidence) -> Verdict:
     """Decide a registered version's online rules again and record the result on its run and its version tags."""
     from deploy.registry import mlflow_client
-    from evaluator.evaluate import read_decision, record_decision
+    from evaluator.decision import read_decision, record_decision
     from evaluator.promotion import version_tags
 
     client = mlflow_client(settings)

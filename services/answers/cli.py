@@ -11,8 +11,9 @@ import threading
 
 import typer
 
-from services.cli import console, settings_of
-from services.stream_cli import serve_group
+from deploy.cli_context import settings_of
+from services.cli import console
+from services.stream.cli import serve_group
 
 
 def answers(ctx: typer.Context) -> None:

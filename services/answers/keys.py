@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from deploy.services.s3 import write_private
+from deploy.embedded.s3 import write_private
 from schemas.settings import Settings
 
 

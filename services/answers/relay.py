@@ -39,7 +39,7 @@ class OutboxRelay:
         self._producer = None
 
     def _connected(self):
-        from services.publisher import make_producer
+        from services.stream.publisher import make_producer
 
         if self._producer is None:
             self._producer = make_producer(

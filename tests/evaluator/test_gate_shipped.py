@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deploy.registry import CHALLENGER, CHAMPION, alias_version, open_registry
-from evaluator.evaluate import read_decision
+from evaluator.decision import read_decision
 from evaluator.evaluate import run as evaluate_run
 from evaluator.gate import REPO_ROOT
 from schemas.settings import Settings, with_overrides

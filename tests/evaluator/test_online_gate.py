@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from deploy.registry import CHAMPION, alias_version, open_registry
 from evaluator import gate
-from evaluator.evaluate import read_decision
+from evaluator.decision import read_decision
 from evaluator.evaluate import run as evaluate_run
 from evaluator.online import NOT_SERVED, online_part, regate
 from schemas.artifacts import OnlineEvidence, OnlineStats, RuleResult, Verdict

@@ -30,7 +30,7 @@ from stream_stack import (
 )
 
 from deploy.clients import boto3_s3
-from deploy.services import kafka
+from deploy.embedded import kafka
 from schemas.serving import AnswerEvent, FeedbackRequest
 from schemas.settings import Settings, with_overrides
 from services.answers.records import FeedbackConflict, event_id_for, record_answer, record_feedback

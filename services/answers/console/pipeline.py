@@ -15,7 +15,7 @@ from services.answers.console.links import (
     ray_dashboard_url,
     ray_job_url,
 )
-from services.status import SystemStatus, collect
+from services.loop.status import SystemStatus, collect
 
 DRIFT_PLOT = "drift_report.png"
 
@@ -46,8 +46,8 @@ class Pipeline:
 
 def latest_drift(settings: Settings) -> DriftCheck | None:
     """The newest drift report run of the experiment, or None before the first one."""
-    from deploy.registry import mlflow_client
-    from services.drift_monitor import CHAMPION_TAG, DRIFT_KIND, REQUEST_TAG
+    from deploy.registry import REQUEST_TAG, mlflow_client
+    from services.trigger.drift_monitor import CHAMPION_TAG, DRIFT_KIND
 
     client = mlflow_client(settings)
     experiment = client.get_experiment_by_name(settings.mlflow.experiment)

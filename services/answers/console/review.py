@@ -123,7 +123,7 @@ def load_review(settings: Settings, engine: Engine, version: str | None) -> Revi
 
 def _add_evidence(settings: Settings, engine: Engine, client, review: Review) -> None:
     """The decision record (online rules decided on the live feedback, as ``registry review`` does) and plots."""
-    from evaluator.evaluate import read_decision
+    from evaluator.decision import read_decision
     from evaluator.online import regate
     from evaluator.report import REPORT_DIR, SAMPLES_SHOWN, report_link
     from services.answers.records import online_evidence, online_metrics

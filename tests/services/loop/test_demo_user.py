@@ -34,9 +34,9 @@ def test_the_demo_waits_until_every_verified_pair_is_stored_then_counts_rows_to_
                                                                                               sqlite_engine):
     from stream_events import build_event
 
-    from services.demo import wait_stored
-    from services.ingest import SourceRecord, event_row
+    from services.loop.demo import wait_stored
     from services.store import insert_events
+    from services.stream.ingest import SourceRecord, event_row
 
     events = [build_event(i) for i in range(3)]
     with sqlite_engine.begin() as conn:

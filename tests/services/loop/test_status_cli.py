@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from schemas.serving import AnswerEvent, FeedbackRequest
 from services.answers.records import record_answer, record_feedback
 from services.cli import build_app
-from services.ingest import SourceRecord, event_row
 from services.store import insert_events
+from services.stream.ingest import SourceRecord, event_row
 from trainer.model import build_tiny_llama
 from trainer.registry import bootstrap
 
