@@ -105,6 +105,7 @@ class SwapWatcher:
             while not stop.is_set():
                 for records in consumer.poll(timeout_ms=500).values():
                     if any(_is_promotion(r.value) for r in records):
+                        self.metrics.promotion_events.inc()
                         self._wake.set()
         finally:
             consumer.close()
