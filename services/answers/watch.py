@@ -83,7 +83,7 @@ class SwapWatcher:
             self._wake.clear()
 
     def listen(self, stop: threading.Event) -> None:
-        """Wake the alias check on each ``promoted`` event of ``retrain.status`` (read from now on, outside any group)."""
+        """Wake the alias check on each ``promoted`` event on ``retrain.status`` (read from now on, in no group)."""
         while not stop.is_set():
             try:
                 self._listen_once(stop)

@@ -25,7 +25,7 @@ from services.answers.keys import ensure_keys
 REPO = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(REPO / "tests" / "evaluator"), str(REPO / "tests" / "services")]
 
-from eval_fixtures import TINY_LORA, judged, log_candidate, save_adapter
+from eval_fixtures import TINY_LORA, judged, log_candidate, save_adapter  # noqa: E402
 
 
 @dataclass
