@@ -46,6 +46,19 @@ def canary_share(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 2**64
 
 
+def _normal_priority() -> None:
+    """Undo Ray's worker niceness (15): on a shared host a niced replica answers users last, after batch work.
+
+    Linux keeps a niceness per thread, and new threads inherit their creator's: every thread is reset.
+    """
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+    except (PermissionError, FileNotFoundError):
+        log.warning("the replica runs at niceness %d (not allowed to change it): answers may be slower under load",
+                    os.getpriority(os.PRIO_PROCESS, 0))
+
+
 @serve.deployment(name="AnswerService", num_replicas=1, health_check_period_s=10)
 @serve.ingress()
 class AnswerService:
@@ -56,6 +69,7 @@ class AnswerService:
         from services.store import create_schema, make_engine
 
         torch.set_num_threads(settings.serve.torch_threads or os.cpu_count() or 1)
+        _normal_priority()
         self.settings, self.keys, self.metrics = settings, ensure_keys(settings), ServiceMetrics()
         self.engine = make_engine(settings)
         create_schema(self.engine)

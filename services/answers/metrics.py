@@ -32,6 +32,8 @@ class ServiceMetrics:
         self.swaps = Counter(f"{p}swaps", "Alias moves applied without a restart", ["alias"], registry=r)
         self.swap_failures = Counter(f"{p}swap_failures", "Versions that could not be loaded", ["version"],
                                      registry=r)
+        self.promotion_events = Counter(f"{p}promotion_events", "retrain.status promotions that woke the swap check",
+                                        registry=r)
         self.feedback = Counter(f"{p}feedback", "Feedback accepted", ["version", "rating"], registry=r)
         self.served = Gauge(f"{p}served_version", "1 for the version each alias serves", ["alias", "version"],
                             registry=r)

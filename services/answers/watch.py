@@ -83,7 +83,7 @@ class SwapWatcher:
             self._wake.clear()
 
     def listen(self, stop: threading.Event) -> None:
-        """Wake the alias check on each ``promoted`` event of ``retrain.status`` (read from now on, outside any group)."""
+        """Wake the alias check on each ``promoted`` event on ``retrain.status`` (read from now on, in no group)."""
         while not stop.is_set():
             try:
                 self._listen_once(stop)
@@ -105,6 +105,7 @@ class SwapWatcher:
             while not stop.is_set():
                 for records in consumer.poll(timeout_ms=500).values():
                     if any(_is_promotion(r.value) for r in records):
+                        self.metrics.promotion_events.inc()
                         self._wake.set()
         finally:
             consumer.close()

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from stream_stack import close_env, open_env
 
 from evaluator import promotion
+from schemas.events import RetrainStatus
 from services.answers.app import canary_share
 from services.answers.records import AnswerRow
 from services.store import make_engine
@@ -68,7 +69,7 @@ def served(service: Service) -> dict[str, str]:
 @pytest.fixture
 def v1(service: Service, tiny_dir: Path) -> str:
     version = bootstrap(service.settings, from_path=tiny_dir)
-    wait_for(lambda: service.http.get("/v1/readyz").status_code == 200, what="readyz 200")
+    service.wait_ready(90)
     return version
 
 
@@ -87,7 +88,7 @@ def test_readyz_and_answers_are_503_with_retry_after_until_a_champion_is_loaded(
     assert early.status_code == 503 and early.headers["retry-after"] == "5"
 
     bootstrap(service.settings, from_path=tiny_dir)
-    wait_for(lambda: service.http.get("/v1/readyz").status_code == 200, what="readyz 200")
+    service.wait_ready(90)
     answer = service.ask(QUESTION)
     assert answer.status_code == 200, answer.text
     assert (answer.json()["model_version"], answer.json()["alias"]) == ("1", "champion")
@@ -145,6 +146,17 @@ def stored_versions(service: Service, answer_ids: list[str]) -> dict[str, str]:
         engine.dispose()
 
 
+def publish_promoted(settings, version: str) -> None:
+    from kafka import KafkaProducer
+
+    status = RetrainStatus(request_id=f"rr-test-{uuid.uuid4().hex[:8]}", phase="promoted", model_version=version)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
+    try:
+        producer.send(settings.kafka.status_topic, status.model_dump_json().encode()).get(timeout=30)
+    finally:
+        producer.close()
+
+
 class Load:
     """Clients asking in a loop, each request recorded with its send and receive times."""
 
@@ -185,6 +197,7 @@ def test_promotion_and_rollback_swap_under_load_without_a_failed_request(service
         wait_for(lambda: load.versions_after(0).count(v1) >= 8, what="v1 answers")
         promoted_at = time.time()
         promotion.promote(settings, v2, actor="test")
+        publish_promoted(settings, v2)  # as the orchestrator does after an automatic promotion
         wait_for(lambda: load.versions_after(promoted_at).count(v2) >= 8, what="v2 answers after the promotion")
         rolled_back_at = time.time()
         promotion.rollback(settings, actor="test")
@@ -201,6 +214,7 @@ def test_promotion_and_rollback_swap_under_load_without_a_failed_request(service
     assert not texts[v1] & texts[v2], "the two versions answered alike: the tag may not name the model used"
     assert stored_versions(service, [r[4]["answer_id"] for r in results]) == {r[4]["answer_id"]: r[3] for r in results}
     assert service.metric("medretrain_answers_swaps_total", alias="champion") >= swaps_before + 2
+    assert service.metric("medretrain_answers_promotion_events_total") == 1
     assert service.metric("medretrain_answers_batch_size_count") > 0
     assert service.metric("medretrain_answers_generated_tokens_total", version=v2) > 0
 
