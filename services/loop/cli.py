@@ -197,6 +197,8 @@ def status(ctx: typer.Context) -> None:
                      f"{running['request']} ({running['state']}, "
                      f"job {running.get('ray_job')} {running.get('ray_status', '')})")
     overview.add_row("champion / challenger", f"v{s.champion} / {'v' + s.challenger if s.challenger else 'none'}")
+    if s.serving is not None:
+        overview.add_row("answer service", s.serving)
     if s.outbox_pending is not None:
         overview.add_row("answer outbox (not on Kafka yet)", str(s.outbox_pending))
     console.print(overview)

@@ -33,7 +33,20 @@ class SystemStatus:
     """Per version the answer service served: answers, ratings, +1 and correction rates (all time)."""
     outbox_pending: int | None = None
     """Answers and verified pairs the answer service has not got onto Kafka yet (broker down)."""
+    serving: str | None = None
+    """What the running answer service serves and any version it failed to load (its ``GET /v1/status``)."""
     problems: list[str] = field(default_factory=list)
+
+
+def _serving_part(settings: Settings, status: SystemStatus) -> None:
+    import httpx
+
+    from services.answers.client import describe, service_status
+
+    try:
+        status.serving = describe(service_status(settings))
+    except httpx.TransportError:
+        status.serving = "not running"  # not a problem: the service is optional
 
 
 def _store_part(settings: Settings, status: SystemStatus) -> None:
@@ -112,6 +125,7 @@ def collect(settings: Settings) -> SystemStatus:
         (_ray_part, "Ray"),
         (_registry_part, "MLflow"),
         (_lag_part, "broker"),
+        (_serving_part, "answer service"),
     )
     for part, service in parts:
         try:

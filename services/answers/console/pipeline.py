@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from deploy.registry import KIND_TAG
+from deploy.registry import KIND_TAG, REQUEST_TAG
 from schemas.settings import Settings
 from services.answers.console.links import (
     mlflow_run_url,
@@ -46,7 +46,7 @@ class Pipeline:
 
 def latest_drift(settings: Settings) -> DriftCheck | None:
     """The newest drift report run of the experiment, or None before the first one."""
-    from deploy.registry import REQUEST_TAG, mlflow_client
+    from deploy.registry import mlflow_client
     from services.trigger.drift_monitor import CHAMPION_TAG, DRIFT_KIND
 
     client = mlflow_client(settings)
@@ -60,7 +60,8 @@ def latest_drift(settings: Settings) -> DriftCheck | None:
     run = runs[0]
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     return DriftCheck(run_id=run.info.run_id, url=mlflow_run_url(settings, client, run.info.run_id),
-                      started=datetime.fromtimestamp(run.info.start_time / 1000, UTC), champion=run.data.tags.get(CHAMPION_TAG, ""),
+                      started=datetime.fromtimestamp(run.info.start_time / 1000, UTC),
+                      champion=run.data.tags.get(CHAMPION_TAG, ""),
                       request=run.data.tags.get(REQUEST_TAG, ""),
                       p_values={k.removesuffix("_p_value"): v for k, v in sorted(run.data.metrics.items())
                                 if k.endswith("_p_value")},

@@ -31,6 +31,7 @@ from services.answers.console.auth import (
 log = logging.getLogger(__name__)
 
 PREFIX = "/console"
+"""The console's path under the application's own route prefix (a request's ``root_path``)."""
 HERE = Path(__file__).parent
 STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
@@ -54,26 +55,26 @@ class Console:
     def page(self, request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
         flash = self.sessions.read_flash(request.cookies.get(FLASH_COOKIE))
         response = self.templates.TemplateResponse(
-            request, template, {"session": self.session(request), "flash": flash, "prefix": PREFIX, **context},
-            status_code=status_code, headers=HEADERS)
+            request, template, {"session": self.session(request), "flash": flash, "prefix": base(request),
+                                **context}, status_code=status_code, headers=HEADERS)
         if flash:
-            response.delete_cookie(FLASH_COOKIE, path=PREFIX)
+            response.delete_cookie(FLASH_COOKIE, path=base(request))
         return response
 
-    def redirect(self, path: str, message: str | None = None, ok: bool = True) -> Response:
-        response = RedirectResponse(f"{PREFIX}{path}", status_code=303)
+    def redirect(self, request: Request, path: str, message: str | None = None, ok: bool = True) -> Response:
+        response = RedirectResponse(f"{base(request)}{path}", status_code=303)
         if message:
-            response.set_cookie(FLASH_COOKIE, self.sessions.flash(message, ok), path=PREFIX, httponly=True,
+            response.set_cookie(FLASH_COOKIE, self.sessions.flash(message, ok), path=base(request), httponly=True,
                                 samesite="lax", max_age=120)
         return response
 
     def post(self, router: APIRouter, path: str, reviewer: bool = False):
-        """Register ``handler(session, form)`` as the POST of ``path``, called once session and token are good."""
+        """Register ``handler(request, session, form)`` as the POST of ``path``, once session and token are good."""
 
         def register(handler):
             async def checked(request: Request) -> Response:
                 result = await self.posted(request, reviewer)
-                return result if isinstance(result, Response) else await handler(*result)
+                return result if isinstance(result, Response) else await handler(request, *result)
 
             router.add_api_route(path, checked, methods=["POST"])
             return handler
@@ -93,6 +94,11 @@ class Console:
             return self.page(request, "error.html", 403, problem="review actions need the reviewer key: "
                              "sign in with it; nothing was done")
         return session, form
+
+
+def base(request: Request) -> str:
+    """The console's URL path as the browser sees it (behind a Serve route prefix too)."""
+    return request.scope.get("root_path", "").rstrip("/") + PREFIX
 
 
 async def form_fields(request: Request) -> dict[str, str] | None:
@@ -128,7 +134,7 @@ def _add_access(router: APIRouter, console: Console) -> None:
     @router.get("")
     @router.get("/")
     async def home(request: Request) -> Response:
-        return console.redirect("/ask" if console.session(request) else "/signin")
+        return console.redirect(request, "/ask" if console.session(request) else "/signin")
 
     @router.get("/signin")
     async def signin_page(request: Request) -> Response:
@@ -145,16 +151,16 @@ def _add_access(router: APIRouter, console: Console) -> None:
         if role is None:
             log.warning("console sign-in refused for %r: wrong key", name)
             return console.page(request, "signin.html", 401, problem="wrong key", name=name)
-        response = console.redirect("/ask", f"signed in as {name} ({role})")
-        response.set_cookie(SESSION_COOKIE, console.sessions.issue(name, role), path=PREFIX, httponly=True,
+        response = console.redirect(request, "/ask", f"signed in as {name} ({role})")
+        response.set_cookie(SESSION_COOKIE, console.sessions.issue(name, role), path=base(request), httponly=True,
                             samesite="lax", secure=request.url.scheme == "https",
                             max_age=int(console.sessions.max_age_s))
         return response
 
     @console.post(router, "/signout")
-    async def signout(session: Session, form: dict[str, str]) -> Response:
-        response = console.redirect("/signin", "signed out")
-        response.delete_cookie(SESSION_COOKIE, path=PREFIX)
+    async def signout(request: Request, session: Session, form: dict[str, str]) -> Response:
+        response = console.redirect(request, "/signin", "signed out")
+        response.delete_cookie(SESSION_COOKIE, path=base(request))
         return response
 
 

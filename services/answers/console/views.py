@@ -40,28 +40,28 @@ def add_ask(router: APIRouter, console: Console) -> None:
     async def ask_page(request: Request, answer: str = "") -> Response:
         session = console.session(request)
         if session is None:
-            return console.redirect("/signin")
+            return console.redirect(request, "/signin")
         shown = await run_in_threadpool(shown_answer, backend.engine, answer, session.sid) if answer else None
         return console.page(request, "ask.html", answer=shown[0] if shown else None,
                             feedback=shown[1] if shown else None)
 
     @console.post(router, "/ask")
-    async def ask(session: Session, form: dict[str, str]) -> Response:
+    async def ask(request: Request, session: Session, form: dict[str, str]) -> Response:
         from services.answers.api import NotReady
 
         try:
             payload = AnswerRequest(question=form.get("question", "").strip(), session_id=session.sid)
             response = await backend.answer(payload)
         except ValidationError as e:
-            return console.redirect("/ask", f"question not sent: {problems(e)}", ok=False)
+            return console.redirect(request, "/ask", f"question not sent: {problems(e)}", ok=False)
         except NotReady as e:
-            return console.redirect("/ask", f"no answer: {e}; try again shortly", ok=False)
-        return console.redirect(answer_path(response.answer_id))
+            return console.redirect(request, "/ask", f"no answer: {e}; try again shortly", ok=False)
+        return console.redirect(request, answer_path(response.answer_id))
 
     @console.post(router, "/feedback")
-    async def feedback(session: Session, form: dict[str, str]) -> Response:
+    async def feedback(request: Request, session: Session, form: dict[str, str]) -> Response:
         message, ok = await run_in_threadpool(give_feedback, console, session, form)
-        return console.redirect(answer_path(form.get("answer_id", "")), message, ok)
+        return console.redirect(request, answer_path(form.get("answer_id", "")), message, ok)
 
 
 def give_feedback(console: Console, session: Session, form: dict[str, str]) -> tuple[str, bool]:
@@ -99,7 +99,7 @@ def add_review(router: APIRouter, console: Console) -> None:
     @router.get("/review")
     async def review_page(request: Request, version: str = "") -> Response:
         if console.session(request) is None:
-            return console.redirect("/signin")
+            return console.redirect(request, "/signin")
         try:
             review = await run_in_threadpool(load_review, console.settings, console.backend.engine, version)
         except NothingToReview as e:
@@ -108,14 +108,14 @@ def add_review(router: APIRouter, console: Console) -> None:
         return console.page(request, "review.html", review=review, versions=review.versions)
 
     @console.post(router, "/review", reviewer=True)
-    async def review_action(session: Session, form: dict[str, str]) -> Response:
+    async def review_action(request: Request, session: Session, form: dict[str, str]) -> Response:
         back = f"/review?version={quote(form.get('version', ''))}"
         try:
             done = await run_in_threadpool(act, console.settings, session, form)
         except Refused as e:
-            return console.redirect(back, str(e), ok=False)
+            return console.redirect(request, back, str(e), ok=False)
         message = f"version {done.version}: {done.action} by {done.actor}"
-        return console.redirect(f"/review?version={done.version}", message)
+        return console.redirect(request, f"/review?version={done.version}", message)
 
 
 def add_pipeline(router: APIRouter, console: Console) -> None:
@@ -124,7 +124,7 @@ def add_pipeline(router: APIRouter, console: Console) -> None:
     @router.get("/pipeline")
     async def pipeline_page(request: Request, part: str = "") -> Response:
         if console.session(request) is None:
-            return console.redirect("/signin")
+            return console.redirect(request, "/signin")
         pipeline = await run_in_threadpool(load_pipeline, console.settings, console.backend.status())
         name = "_pipeline_body.html" if part == "body" else "pipeline.html"
         return console.page(request, name, pipeline=pipeline)
