@@ -83,7 +83,7 @@ def use_mlflow(settings: Settings) -> None:
 def topic_names(settings: Settings) -> tuple[str, ...]:
     """Every topic medretrain uses."""
     k = settings.kafka
-    return (k.events_topic, k.dlq_topic, k.requests_topic, k.status_topic)
+    return (k.events_topic, k.dlq_topic, k.requests_topic, k.status_topic, k.answers_topic)
 
 
 def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:

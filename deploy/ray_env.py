@@ -11,6 +11,7 @@ that rebuild the submitter's exact Settings inside the job (``load_settings()`` 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
     walk(ENV_PREFIX, settings.model_dump(mode="json"), type(settings).model_fields)
     return env
+
+
+def ray_address(settings: Settings) -> str:
+    """The cluster a driver joins: ``RAY_ADDRESS`` (set inside Ray jobs, or any cluster's), else the stack's head."""
+    return os.environ.get("RAY_ADDRESS") or f"{settings.stack.host}:{settings.ray.gcs_port}"
 
 
 def load_runtime_file(settings: Settings) -> dict[str, Any]:

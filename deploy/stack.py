@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Start order: the broker stores topics in S3, MLflow stores artifacts there.
 SERVICES: tuple[Service, ...] = (s3.SERVICE, kafka.SERVICE, mlflow.SERVICE, ray.SERVICE)
-APP_SERVICES = ("accumulator", "orchestrator")
+APP_SERVICES = ("accumulator", "orchestrator", "answers")
 """medretrain's own long-running services (`medretrain serve NAME`), spawned beside the stack by the demo."""
 
 

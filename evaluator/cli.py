@@ -29,6 +29,14 @@ def _settings(ctx: typer.Context):
     return settings_of(ctx)
 
 
+def _online(ctx: typer.Context, settings, version: str, champion: str | None):
+    """The version's live feedback against the champion's, when the top-level CLI provides a source."""
+    from evaluator.online import ONLINE_SOURCE_KEY
+
+    source = ctx.meta.get(ONLINE_SOURCE_KEY)
+    return source(settings, version, champion) if source else None
+
+
 def _fail(error: Exception) -> typer.Exit:
     console.print(f"[red]{error}[/red]")
     return typer.Exit(1)
@@ -73,6 +81,9 @@ def _print_rules(verdict) -> None:
         shown = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
         table.add_row(r.name, shown, r.metric, value, f"{r.op} {r.threshold:g}")
     console.print(table)
+    for r in verdict.rules:
+        if r.value is None:  # say why a rule had nothing to judge ("not enough ratings", no production slice)
+            console.print(f"[dim]{r.name}: {r.detail}[/dim]")
 
 
 def _print_metrics(verdict, champion: str | None, challenger: str) -> None:
@@ -125,7 +136,15 @@ def review_command(
         verdict, samples = read_decision(settings, run_id)
     except Exception as e:
         raise _fail(LookupError(f"{name} version {version} has no readable decision record: {e}")) from e
-    _print_metrics(verdict, alias_version(client, name, CHAMPION), version)
+    champion = alias_version(client, name, CHAMPION)
+    evidence = _online(ctx, settings, version, champion)
+    if evidence is not None:
+        from evaluator.online import regate
+
+        verdict = regate(settings, verdict, evidence)
+        since = f"since {evidence.since:%Y-%m-%d %H:%M} UTC" if evidence.since else "not served yet"
+        console.print(f"online.* rows: live feedback {since}, against the current champion v{champion}")
+    _print_metrics(verdict, champion, version)
     _print_rules(verdict)
     _print_samples(samples, samples_shown)
     console.print(f"report: {report_link(settings, run_id)}")
@@ -140,9 +159,13 @@ def promote_command(
     actor: str = ActorOption,
 ) -> None:
     """Make a version the champion."""
+    from deploy.registry import CHAMPION, alias_version, open_registry
     from evaluator import promotion
 
-    action = _act(promotion.promote, _settings(ctx), version, actor or getpass.getuser(), reason, force)
+    settings = _settings(ctx)
+    client, name = open_registry(settings)
+    online = _online(ctx, settings, version, alias_version(client, name, CHAMPION))
+    action = _act(promotion.promote, settings, version, actor or getpass.getuser(), reason, force, online)
     console.print(f"[green]version {version} is champion[/green] ({action.action} by {action.actor})")
 
 

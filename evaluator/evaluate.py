@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from evaluator import gate, inference, scoring
+from evaluator.decision import record_decision
 from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, TrainedAdapter, Verdict
 from schemas.data import QAPair
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RUN_TAG_PREFIX = "medretrain.gate"
 BASELINE_CACHE_DIR = "eval_cache"
 """Artifact folder on a champion's run holding its measurements, keyed by everything they depend on."""
 MEASUREMENT_VERSION = 1
@@ -239,6 +239,7 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
     candidate's measurement is cached on its run: should it become champion, no gate rescores it.
     """
     from deploy.registry import CHAMPION
+    from evaluator.online import NOT_SERVED
     from trainer.registry import resolve
 
     rules = gate.load_rules(settings.evaluate.gate_rules)  # a bad rules file fails before minutes of scoring
@@ -252,7 +253,8 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
     with _stopwatch(seconds, "candidate"):
         challenger = measure_candidate(settings, candidate, sets)
         cache_measurement(settings, candidate.run_id, sets, challenger)
-    passed, results = gate.decide(rules, challenger.metrics, baseline.metrics)
+    # A fresh candidate has served no one yet: its online rules follow on_missing until a promotion re-decides them.
+    passed, results = gate.decide(rules, challenger.metrics, baseline.metrics, {gate.ONLINE_SET: NOT_SERVED})
     verdict = Verdict(
         candidate_run_id=candidate.run_id,
         baseline_version=champion.version,
@@ -272,42 +274,6 @@ def sample_records(sets: Sequence[EvalSet], baseline: Measurement, candidate: Me
         ]
         for s in sets
     }
-
-
-def decision_tags(verdict: Verdict) -> dict[str, str]:
-    """Run tags of the decision: the verdict, the baseline, and one tag per rule with value and threshold."""
-    tags = {
-        f"{RUN_TAG_PREFIX}.passed": str(verdict.passed).lower(),
-        f"{RUN_TAG_PREFIX}.baseline_version": verdict.baseline_version or "",
-        f"{RUN_TAG_PREFIX}.decided_at": verdict.decided_at.isoformat(),
-        f"{RUN_TAG_PREFIX}.reasons": "; ".join(f"{r.name}: {r.detail}" for r in verdict.rules if not r.passed)[:4900],
-    }
-    for r in verdict.rules:
-        value = "missing" if r.value is None else f"{r.value:.6g}"
-        tags[f"{RUN_TAG_PREFIX}.rule.{r.name}"] = (
-            f"{'pass' if r.passed else 'FAIL'} {r.metric}={value} {r.op} {r.threshold:g}"
-        )
-    return tags
-
-
-def record_decision(settings: Settings, verdict: Verdict, samples: dict, seconds: dict[str, float]) -> None:
-    """``decision.json`` and ``eval/samples.json`` artifacts, decision tags, eval metrics and step times on the run."""
-    from mlflow.entities import Metric, RunTag
-
-    from deploy.registry import mlflow_client
-    from trainer.tracking import log_json
-
-    run_id = verdict.candidate_run_id
-    log_json(settings, run_id, "decision.json", verdict.model_dump(mode="json"))
-    log_json(settings, run_id, "samples.json", samples, artifact_path="eval")
-    stamp = int(verdict.decided_at.timestamp() * 1000)
-    metrics = [
-        Metric(f"eval.{side}.{key}", value, stamp, 0)
-        for side, values in verdict.metrics.items()
-        for key, value in values.items()
-    ] + [Metric(f"eval.seconds.{step}", value, stamp, 0) for step, value in seconds.items()]
-    tags = [RunTag(k, v) for k, v in decision_tags(verdict).items()]
-    mlflow_client(settings).log_batch(run_id, metrics=metrics, tags=tags)
 
 
 def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:

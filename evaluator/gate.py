@@ -9,6 +9,9 @@ thresholds change without code. Each rule compares one metric ``<set>.<name>``:
 
 A metric that cannot be computed (no production slice in the snapshot) is decided by the
 rule's ``on_missing`` and says so in the record, never silently.
+
+``online.<up_rate|correction_rate>`` come from live feedback (``evaluator/online.py``): present only once the
+candidate has served ``evaluate.min_online_ratings`` rated answers, otherwise missing with the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +29,9 @@ from evaluator.scoring import METRIC_NAMES, SET_NAMES
 from schemas.artifacts import RuleResult
 
 _OPS = {"<=": operator.le, ">=": operator.ge}
+ONLINE_SET = "online"
+ONLINE_METRICS = ("up_rate", "correction_rate")
+"""Rates of the answers users rated: +1 without a correction, and corrected (``OnlineStats``)."""
 
 
 class GateRule(BaseModel):
@@ -44,8 +51,11 @@ class GateRule(BaseModel):
     @classmethod
     def _known_metric(cls, value: str) -> str:
         set_name, _, metric = value.partition(".")
+        if set_name == ONLINE_SET and metric in ONLINE_METRICS:
+            return value
         if set_name not in SET_NAMES or metric not in METRIC_NAMES:
-            raise ValueError(f"unknown metric {value!r}: use <{'|'.join(SET_NAMES)}>.<{'|'.join(METRIC_NAMES)}>")
+            raise ValueError(f"unknown metric {value!r}: use <{'|'.join(SET_NAMES)}>.<{'|'.join(METRIC_NAMES)}> "
+                             f"or {ONLINE_SET}.<{'|'.join(ONLINE_METRICS)}>")
         return value
 
 
@@ -98,13 +108,15 @@ def _rule_value(rule: GateRule, candidate: dict[str, float], baseline: dict[str,
     return (cand - base) / abs(base)
 
 
-def apply_rule(rule: GateRule, candidate: dict[str, float], baseline: dict[str, float]) -> RuleResult:
-    """One rule's verdict with the value it was decided on."""
+def apply_rule(rule: GateRule, candidate: dict[str, float], baseline: dict[str, float],
+               missing_why: Mapping[str, str] | None = None) -> RuleResult:
+    """One rule's verdict with the value it was decided on; ``missing_why`` explains absent sets by set name."""
     value = _rule_value(rule, candidate, baseline)
     result = {"name": rule.name, "metric": f"{rule.kind}({rule.metric})", "op": rule.op, "threshold": rule.threshold}
     if value is None:
         passed = rule.on_missing == "pass"
-        detail = f"{rule.metric} missing for candidate or baseline; on_missing={rule.on_missing}"
+        why = (missing_why or {}).get(rule.metric.partition(".")[0], "missing for candidate or baseline")
+        detail = f"{rule.metric} {why}; on_missing={rule.on_missing}"
         return RuleResult(**result, value=None, passed=passed, detail=detail)
     if math.isnan(value):
         return RuleResult(**result, value=None, passed=False, detail=f"{rule.metric} is NaN")
@@ -115,7 +127,8 @@ def apply_rule(rule: GateRule, candidate: dict[str, float], baseline: dict[str, 
     return RuleResult(**result, value=value, passed=passed, detail=detail)
 
 
-def decide(rules: GateRules, candidate: dict[str, float], baseline: dict[str, float]) -> tuple[bool, list[RuleResult]]:
+def decide(rules: GateRules, candidate: dict[str, float], baseline: dict[str, float],
+           missing_why: Mapping[str, str] | None = None) -> tuple[bool, list[RuleResult]]:
     """All rules' results; the candidate passes only if every rule passes."""
-    results = [apply_rule(rule, candidate, baseline) for rule in rules.rules]
+    results = [apply_rule(rule, candidate, baseline, missing_why) for rule in rules.rules]
     return all(r.passed for r in results), results

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from deploy.registry import BASE_VERSION_TAG, CHALLENGER, CHAMPION, RUN_VERSION_TAG, alias_version, open_registry
-from schemas.artifacts import RegistryAction, Verdict
+from schemas.artifacts import OnlineEvidence, RegistryAction, Verdict
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,16 +159,27 @@ def apply_verdict(settings: Settings, verdict: Verdict, actor: str = "evaluator"
     return version
 
 
-def promote(settings: Settings, version: str, actor: str, reason: str = "", force: bool = False) -> RegistryAction:
-    """Make ``version`` the champion; a version that failed the gate or was rejected needs ``force`` and a reason."""
+def promote(settings: Settings, version: str, actor: str, reason: str = "", force: bool = False,
+            online: OnlineEvidence | None = None) -> RegistryAction:
+    """Make ``version`` the champion; a version that failed the gate or was rejected needs ``force`` and a reason.
+
+    With ``online`` (the version's live feedback against the champion's), the gate's online rules are decided
+    again on it first, and the refreshed decision is what clears the version or not.
+    """
     client, name = open_registry(settings)
     mv = _version(client, name, version)
+    if online is not None and "decision" in mv.tags:
+        from evaluator.online import refresh_decision
+
+        refresh_decision(settings, str(version), online)
+        mv = _version(client, name, version)
     cleared = mv.tags.get("gate") == "passed" and mv.tags.get("rejected") != "true"
     if not cleared and not force:
         why = (
             "was rejected"
             if mv.tags.get("rejected") == "true"
-            else f"did not pass the gate (gate={mv.tags.get('gate')})"
+            else f"did not pass the gate (gate={mv.tags.get('gate')}, "
+            f"failed: {mv.tags.get('gate.failed_rules') or '-'})"
         )
         raise RegistryError(f"{name} version {version} {why}: promote it with --force --reason '...'")
     if force and not reason.strip():

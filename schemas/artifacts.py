@@ -91,6 +91,44 @@ class RuleResult(Contract):
     detail: str = ""
 
 
+class OnlineStats(Contract):
+    """What users made of one served version's answers (from the answer service's feedback)."""
+
+    answers: int = Field(ge=0)
+    rated: int = Field(ge=0)
+    """Answers with feedback (+1 or -1)."""
+    up: int = Field(ge=0)
+    """Answers rated +1 without a correction."""
+    corrections: int = Field(ge=0)
+
+    @property
+    def up_rate(self) -> float | None:
+        """Share of rated answers that got a +1 (None before the first rating)."""
+        return self.up / self.rated if self.rated else None
+
+    @property
+    def correction_rate(self) -> float | None:
+        """Share of rated answers that a person corrected (None before the first rating)."""
+        return self.corrections / self.rated if self.rated else None
+
+    def as_metrics(self) -> dict[str, float]:
+        """``online.*`` entries for a Verdict's metrics (rates only once something was rated)."""
+        rates = {"online.up_rate": self.up_rate, "online.correction_rate": self.correction_rate}
+        return {"online.answers": float(self.answers), "online.rated": float(self.rated)} | {
+            k: v for k, v in rates.items() if v is not None}
+
+
+class OnlineEvidence(Contract):
+    """Live feedback of a candidate and of the champion over the same period: the gate's online rules read it."""
+
+    candidate_version: str | None
+    baseline_version: str | None
+    since: datetime | None
+    """The candidate's first served answer; the champion's answers are counted from then on (None: never served)."""
+    candidate: OnlineStats
+    baseline: OnlineStats
+
+
 class Verdict(Contract):
     """The evaluator's decision record; promotion reads only this."""
 
@@ -100,7 +138,7 @@ class Verdict(Contract):
     passed: bool
     rules: list[RuleResult]
     metrics: dict[str, dict[str, float]]
-    """``{"candidate": {...}, "baseline": {...}}`` keyed by ``<set>.<metric>``."""
+    """``{"candidate": {...}, "baseline": {...}}`` keyed by ``<set>.<metric>``; ``online.*`` from live feedback."""
     decided_at: datetime = Field(default_factory=utcnow)
 
 

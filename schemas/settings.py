@@ -30,6 +30,8 @@ class KafkaSettings(_Section):
     partitions: int = Field(2, ge=1)
     """Partitions of every topic we create (topics are always created explicitly)."""
     events_topic: str = "qa.events"
+    answers_topic: str = "qa.answers"
+    """Every answer the answer service served (question, answer, version): the drift monitor's live questions."""
     dlq_topic: str = "qa.events.dlq"
     requests_topic: str = "retrain.requests"
     status_topic: str = "retrain.status"
@@ -294,6 +296,8 @@ class EvalSettings(_Section):
     seed: int = 1234
     gate_rules: Path = Path("evaluator/gate_rules.json")
     promotion: Literal["auto", "review"] = "review"
+    min_online_ratings: int = Field(20, ge=1)
+    """Rated answers a served candidate needs before the gate's ``online.*`` rules compare it with the champion."""
 
 
 class DriftSettings(_Section):
@@ -316,6 +320,38 @@ class DriftSettings(_Section):
     embed_batch_size: int = Field(64, ge=1)
     seed: int = 11
     """Seeds the reference sample and the permutations, so a check is reproducible."""
+
+
+class ServeSettings(_Section):
+    host: str = "127.0.0.1"
+    """Interface the answer service's HTTP proxy binds (Ray Serve's ``http_options``)."""
+    port: int = 18100
+    app_name: str = "answers"
+    """Ray Serve application name of the answer service."""
+    config: Path = Path("deploy/serve/answers.yaml")
+    """Serve config (import path, route) that ``medretrain serve answers`` deploys; relative to the repository."""
+    max_batch_size: int = Field(16, ge=1)
+    """Concurrent questions generated in one batch at most (1 turns batching off)."""
+    batch_wait_s: float = Field(0.05, ge=0)
+    """Longest wait for more questions after the first one of a batch."""
+    challenger_fraction: float = Field(0.0, ge=0, le=1)
+    """Share of sessions (sticky by a hash of session_id) served by the ``challenger`` while it awaits review."""
+    swap_poll_interval_s: float = Field(1.0, gt=0, le=2)
+    """Alias poll between Kafka promotion events (the fallback that also sees manual promotes and rollbacks)."""
+    max_body_bytes: int = Field(131_072, ge=1024)
+    """Request bodies above this get 413 (a 20,000-character correction fits)."""
+    auth_reads: bool = False
+    """Also require the API key for healthz, readyz, status and metrics."""
+    num_cpus: float = Field(0.5, gt=0)
+    """Ray CPUs the replica reserves: a logical share, so a retrain's workers still fit beside it."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Threads generation uses; None: every core."""
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On stop, requests in flight get this long to finish before the replica is killed."""
+    retry_after_s: int = Field(5, ge=1)
+    """Retry-After of a 503 while no version is loaded."""
+    console_session_h: float = Field(12.0, gt=0)
+    """Hours a web console sign-in lasts (the signed session cookie expires then)."""
 
 
 class Settings(BaseSettings):
@@ -341,6 +377,7 @@ class Settings(BaseSettings):
     evaluate: EvalSettings = EvalSettings()
     orchestrator: OrchestratorSettings = OrchestratorSettings()
     drift: DriftSettings = DriftSettings()
+    serve: ServeSettings = ServeSettings()
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from schemas.settings import load_settings
+from schemas.settings import Settings, load_settings
 
 console = Console()
 
@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "services.stream.cli",
     "services.loop.cli",
     "services.trigger.cli",
+    "services.answers.cli",
 )
 
 
@@ -43,12 +44,21 @@ def _root(
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
     # Client libraries narrate every connection at INFO; people want our progress, not theirs.
-    for noisy in ("kafka", "aiokafka", "urllib3", "botocore", "faust", "mode"):
+    for noisy in ("kafka", "aiokafka", "urllib3", "botocore", "faust", "mode", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
         ctx.obj = load_settings(overrides)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    from evaluator.online import ONLINE_SOURCE_KEY
+
+    ctx.meta[ONLINE_SOURCE_KEY] = _online_evidence  # the registry commands judge live feedback without a service import
+
+
+def _online_evidence(settings: Settings, candidate: str | None, champion: str | None):
+    from services.answers.records import online_evidence
+
+    return online_evidence(settings, candidate, champion)
 
 
 def build_app() -> typer.Typer:

@@ -9,7 +9,8 @@ PostgreSQL by default (``database.url``); ``sqlite:///path.db`` works for the sm
 
 ``qa_events.row_id`` is the watermark axis: a snapshot covers the rows in
 ``(previous watermark, watermark]``. ``event_id`` is unique, so a redelivered or
-republished event is counted as a duplicate and never stored twice.
+republished event is counted as a duplicate and never stored twice. ``live_questions``
+holds what users asked the answer service, once per ``answer_id`` (the drift monitor's window).
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ class QAEventRow(Base):
     topic: Mapped[str] = mapped_column(String(255))
     partition: Mapped[int] = mapped_column(Integer)
     offset: Mapped[int] = mapped_column(BigInteger)
+    ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LiveQuestionRow(Base):
+    """A question a user asked the answer service (from ``kafka.answers_topic``): the drift monitor's live window."""
+
+    __tablename__ = "live_questions"
+    __table_args__ = {"sqlite_autoincrement": True}  # row ids order the window
+
+    row_id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    answer_id: Mapped[str] = mapped_column(String(36), unique=True)
+    question: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str] = mapped_column(String(200))
+    answered_at: Mapped[datetime]
     ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -158,7 +173,12 @@ ADDED_COLUMNS = {"retrain_requests": {"gate_job_id": "VARCHAR(200)"}}
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and add missing columns (idempotent, also on a database made by an older release)."""
+    """Create missing tables and add missing columns (idempotent, also on a database made by an older release).
+
+    The answer service's tables are included: they join Base.metadata when their module is imported.
+    """
+    import services.answers.records  # noqa: F401 - its tables live with their code
+
     Base.metadata.create_all(engine)
     tables = inspect(engine)
     with engine.begin() as conn:
@@ -201,6 +221,22 @@ def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> InsertRes
         new = len(conn.execute(stmt, [{"ingested_at": now} | row for row in rows]).all())
     else:
         raise NotImplementedError(f"event inserts are implemented for postgresql and sqlite, not {conn.dialect.name}")
+    return InsertResult(new=new, duplicates=len(rows) - new)
+
+
+def insert_live_questions(conn: Connection, rows: Sequence[dict[str, Any]]) -> InsertResult:
+    """Insert live questions, skipping any whose answer_id is already stored (a re-sent answer)."""
+    if not rows:
+        return InsertResult(0, 0)
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"live question inserts are implemented for postgresql and sqlite, not "
+                                  f"{conn.dialect.name}")
+    stmt = insert(LiveQuestionRow).on_conflict_do_nothing(index_elements=["answer_id"])
+    new = len(conn.execute(stmt.returning(LiveQuestionRow.row_id), list(rows)).all())
     return InsertResult(new=new, duplicates=len(rows) - new)
 
 

@@ -152,13 +152,22 @@ def load_base(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreT
     return model, tokenizer
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
-    """An existing PEFT adapter folder on top of ``model``, frozen unless ``trainable``."""
+def load_adapter(
+    model: PreTrainedModel | PeftModel, adapter_dir: Path, trainable: bool = False, adapter_name: str = "default"
+) -> PeftModel:
+    """An existing PEFT adapter folder on top of ``model``, frozen unless ``trainable``.
+
+    On a PeftModel the adapter is added under ``adapter_name`` beside the ones it holds (the answer
+    service serves several versions on one base this way); the active adapter does not change.
+    """
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
 
 
 def attach_lora(

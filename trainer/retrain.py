@@ -34,6 +34,7 @@ import lightning as L
 
 import trainer
 from deploy.clients import pyarrow_s3
+from deploy.ray_env import ray_address
 from deploy.registry import BASE_VERSION_TAG, CHAMPION, KIND_TAG, REQUEST_TAG
 from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, SnapshotManifest, TrainedAdapter
 from schemas.data import QAPair
@@ -246,7 +247,7 @@ def connect_ray(settings: Settings) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or f"{settings.stack.host}:{settings.ray.gcs_port}")
+        ray.init(address=ray_address(settings))
 
 
 def start_model(settings: Settings, request: RetrainRequest, run_id: str | None):

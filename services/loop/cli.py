@@ -80,13 +80,14 @@ def demo(
     events: int = typer.Option(400, help="Production QA events to publish (threshold: 300)"),
     seed: int = typer.Option(7, help="Seed of the event sample"),
     timeout_s: float = typer.Option(1200, help="Give up waiting for the retrain after this long"),
+    questions: int = typer.Option(8, help="Held-out questions the scripted user asks the answer service afterwards"),
 ) -> None:
-    """From nothing: stack, base model, services, events, threshold, Ray training, gate, promotion."""
+    """From nothing: stack, base model, services, events, threshold, Ray training, gate, promotion, served answers."""
     from services.loop.demo import demo_settings, run_demo
 
     settings = demo_settings(settings_of(ctx))
     try:
-        result = run_demo(settings, events, seed, timeout_s, console)
+        result = run_demo(settings, events, seed, timeout_s, console, questions)
     except TimeoutError as e:
         console.print(f"[red]demo did not finish[/]: {e}")
         raise typer.Exit(1) from e
@@ -116,7 +117,26 @@ def _print_demo(settings, result) -> None:
     console.print(timing)
     if result.timeline is not None:
         console.print(_timeline_table(result.timeline))
+    _print_served(settings, result)
     console.print(f"MLflow UI: {settings.mlflow.tracking_uri}   services keep running: `medretrain status`")
+
+
+def _print_served(settings, result) -> None:
+    """The hot swap as a user saw it, the scripted user's reviews, and what they add to the next retrain."""
+    from services.loop.demo_user import CLOSE_ROUGE_L
+
+    before, after, review = result.before_swap, result.after_swap, result.review
+    console.rule("answer service")
+    console.print(f"before the retrain: v{before.model_version} ({before.alias}) answered {before.latency_ms:.0f} ms")
+    console.print(f"after the promotion: v{after.model_version} ({after.alias}) answers, no restart")
+    table = Table("question", "version", "ROUGE-L", "feedback", title="scripted user (reviews from the reference)")
+    for question, answer, rouge in review.answers:
+        verdict = "+1" if rouge >= CLOSE_ROUGE_L else "correction (reference)"
+        table.add_row(question[:80], f"v{answer.model_version}", f"{rouge:.2f}", verdict)
+    console.print(table)
+    console.print(f"{review.ups} rated +1, {review.corrections} corrected: {len(review.event_ids)} verified pairs "
+                  f"stored; rows towards the next retrain: {result.rows_since_snapshot} / "
+                  f"{settings.trigger.threshold}")
 
 
 def _timeline_table(timeline) -> Table:
@@ -177,13 +197,28 @@ def status(ctx: typer.Context) -> None:
                      f"{running['request']} ({running['state']}, "
                      f"job {running.get('ray_job')} {running.get('ray_status', '')})")
     overview.add_row("champion / challenger", f"v{s.champion} / {'v' + s.challenger if s.challenger else 'none'}")
+    if s.serving is not None:
+        overview.add_row("answer service", s.serving)
+    if s.outbox_pending is not None:
+        overview.add_row("answer outbox (not on Kafka yet)", str(s.outbox_pending))
     console.print(overview)
+    if s.online:
+        console.print(_online_table(s.online))
     recent = Table("request", "reason", "state", "version", "attempts", "detail", title="last retrains")
     for r in s.recent:
         recent.add_row(r["request"], r["reason"], r["state"], r["version"] or "", str(r["attempts"]), r["detail"][:80])
     console.print(recent)
     for problem in s.problems:
         console.print(f"[yellow]unavailable[/] {problem}")
+
+
+def _online_table(online) -> Table:
+    """Users' feedback per served version: +1 and correction rates are shares of the rated answers."""
+    table = Table("version", "answers", "rated", "+1 rate", "correction rate", title="answer service feedback")
+    for version, stats in sorted(online.items(), key=lambda item: item[0].zfill(8)):
+        rates = [f"{r:.0%}" if r is not None else "-" for r in (stats.up_rate, stats.correction_rate)]
+        table.add_row(f"v{version}", str(stats.answers), str(stats.rated), *rates)
+    return table
 
 
 def register(app: typer.Typer) -> None:

@@ -3,10 +3,13 @@
     medretrain demo                 # about 6 minutes on 2 lightly loaded CPU cores
     medretrain demo --events 600
 
-Stack up -> base model v1 as champion -> accumulator + orchestrator started -> production
-QA events published -> the threshold fires -> Ray trains (CPU, 2 workers) -> the gate runs
--> the new version is promoted. Every number in the summary is read back from the system
-(status events, the store, the Ray job, MLflow and the registry), not from the demo's own clock.
+Stack up -> base model v1 as champion -> accumulator, orchestrator and answer service started (it answers
+with v1) -> production QA events published -> the threshold fires -> Ray trains (CPU, 2 workers) -> the
+gate runs -> the new version is promoted -> the answer service swaps to it -> a scripted user asks held-out
+production questions and reviews each answer from the reference (``services/loop/demo_user.py``: +1 when
+close by ROUGE-L, else the reference as a correction) -> the accumulator stores the verified pairs, which
+count towards the next retrain. Every number in the summary is read back from the system (status events,
+the store, the Ray job, MLflow and the registry), not from the demo's own clock.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from datetime import datetime
 from pathlib import Path
 
 from schemas.events import RetrainStatus
+from schemas.serving import AnswerResponse
 from schemas.settings import Settings, with_overrides
+from services.loop.demo_user import Review, ScriptedUser
 from services.loop.timeline import Timeline, retrain_timeline
 
 DEMO_OVERRIDES = {
@@ -49,6 +54,12 @@ class DemoResult:
     """Stage name -> seconds."""
     timeline: Timeline | None = None
     """Where the retrain's time went, read back from the store, Ray and MLflow."""
+    before_swap: AnswerResponse | None = None
+    after_swap: AnswerResponse | None = None
+    review: Review | None = None
+    """The scripted user's answers and the feedback it gave."""
+    rows_since_snapshot: int = 0
+    """After the verified pairs were stored: the count the next threshold retrain waits for."""
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -132,7 +143,34 @@ def unseen_events(settings: Settings, n: int, seed: int) -> list:
     return fresh
 
 
-def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, console) -> DemoResult:
+PROBE = "What are the symptoms of glaucoma?"
+"""The question asked before the retrain and again until the promoted version answers it."""
+
+
+def wait_stored(settings: Settings, event_ids: list, timeout_s: float) -> int:
+    """Until the accumulator stored every one of ``event_ids``; returns the rows since the last snapshot then."""
+    from sqlalchemy import func, select
+
+    from services.store import QAEventRow, count_rows_between, last_watermark, make_engine
+
+    wanted = [str(e) for e in event_ids]
+    engine = make_engine(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            with engine.connect() as conn:
+                stored = conn.execute(select(func.count()).select_from(QAEventRow)
+                                      .where(QAEventRow.event_id.in_(wanted))).scalar_one()
+                if stored == len(wanted):
+                    return count_rows_between(conn, last_watermark(conn))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{stored} of {len(wanted)} verified pairs stored after {timeout_s:.0f}s")
+            time.sleep(1.0)
+    finally:
+        engine.dispose()
+
+
+def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, console, questions: int = 8) -> DemoResult:
     """Run every stage, printing progress; the services keep running afterwards for `status` and the UI."""
     from contextlib import contextmanager
 
@@ -159,14 +197,19 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
         bootstrap(settings)
         client, name = open_registry(settings)
         result.champion_before = alias_version(client, name, CHAMPION)
-    with stage("accumulator + orchestrator started"):
+    with stage("accumulator + orchestrator + answer service started"):
         start_services(settings)
     # Meanwhile the orchestrator warms up (imports, text metric), off the path measured below.
     with stage("champion scored on the MedQuAD held-out set (once per champion)"):
         measure_champion(settings, resolve(settings, CHAMPION), [medquad_set(settings)])
+    user = ScriptedUser(settings)
+    with stage("answer service ready"):
+        user.wait_ready(timeout_s=600)
+        result.before_swap = user.ask(PROBE)
     since = utcnow()
+    pool = unseen_events(settings, events + questions, seed)  # the user's questions stay held out of training
     with stage(f"{events} production QA events published") as spinner:
-        summary = publisher.publish(settings, unseen_events(settings, events, seed))
+        summary = publisher.publish(settings, pool[:events])
         spinner.update(f"published {summary.sent}")
     with stage("threshold -> train -> gate -> promotion") as spinner:
         seen = wait_for_final(settings, since, timeout_s, show=lambda m: spinner.update(m))
@@ -175,4 +218,13 @@ def run_demo(settings: Settings, events: int, seed: int, timeout_s: float, conso
     result.champion_after = alias_version(client, name, CHAMPION)
     if "started" in seen and result.final.run_id:
         result.timeline = retrain_timeline(settings, result.request_id, seen["started"], result.final)
+    try:
+        with stage(f"answer service serves v{result.champion_after}"):
+            result.after_swap = user.wait_for_version(result.champion_after, PROBE, timeout_s=120)
+        with stage(f"scripted user: {questions} held-out questions answered and reviewed"):
+            result.review = user.ask_and_review(pool[events:])
+    finally:
+        user.close()
+    with stage("verified pairs stored by the accumulator"):
+        result.rows_since_snapshot = wait_stored(settings, result.review.event_ids, timeout_s=180)
     return result

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
+from schemas.artifacts import OnlineStats
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,24 @@ class SystemStatus:
     """``topic:partition`` -> end offset minus committed offset (end offsets are approximate on Tansu)."""
     recent: list[dict] = field(default_factory=list)
     """Last retrain requests, newest first."""
+    online: dict[str, OnlineStats] = field(default_factory=dict)
+    """Per version the answer service served: answers, ratings, +1 and correction rates (all time)."""
+    outbox_pending: int | None = None
+    """Answers and verified pairs the answer service has not got onto Kafka yet (broker down)."""
+    serving: str | None = None
+    """What the running answer service serves and any version it failed to load (its ``GET /v1/status``)."""
     problems: list[str] = field(default_factory=list)
+
+
+def _serving_part(settings: Settings, status: SystemStatus) -> None:
+    import httpx
+
+    from services.answers.client import describe, service_status
+
+    try:
+        status.serving = describe(service_status(settings))
+    except httpx.TransportError:
+        status.serving = "not running"  # not a problem: the service is optional
 
 
 def _store_part(settings: Settings, status: SystemStatus) -> None:
@@ -48,6 +66,19 @@ def _store_part(settings: Settings, status: SystemStatus) -> None:
         ]
     engine.dispose()
     status.in_flight = next((r for r in status.recent if r["state"] in IN_FLIGHT_STATES), None)
+
+
+def _answers_part(settings: Settings, status: SystemStatus) -> None:
+    from services.answers.records import online_metrics
+    from services.answers.relay import pending_count
+    from services.store import create_schema, make_engine
+
+    engine = make_engine(settings)
+    try:
+        create_schema(engine)  # before the answer service's first start its tables are simply empty
+        status.online, status.outbox_pending = online_metrics(engine), pending_count(engine)
+    finally:
+        engine.dispose()
 
 
 def _ray_part(settings: Settings, status: SystemStatus) -> None:
@@ -88,12 +119,15 @@ def _lag_part(settings: Settings, status: SystemStatus) -> None:
 def collect(settings: Settings) -> SystemStatus:
     """Every part that answers; a part whose service is down becomes a line in ``problems``."""
     status = SystemStatus(threshold=settings.trigger.threshold)
-    for part, service in (
+    parts = (
         (_store_part, "database"),
+        (_answers_part, "answer records"),
         (_ray_part, "Ray"),
         (_registry_part, "MLflow"),
         (_lag_part, "broker"),
-    ):
+        (_serving_part, "answer service"),
+    )
+    for part, service in parts:
         try:
             part(settings, status)
         except Exception as e:  # status must render whatever is down

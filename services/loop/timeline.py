@@ -71,7 +71,7 @@ def retrain_timeline(settings: Settings, request_id: str, started: RetrainStatus
     from ray.job_submission import JobSubmissionClient
 
     from deploy.registry import mlflow_client
-    from evaluator.evaluate import RUN_TAG_PREFIX
+    from evaluator.decision import RUN_TAG_PREFIX
 
     crossed, snapshot, published = _trigger_points(settings, request_id)
     job = JobSubmissionClient(settings.ray.address).get_job_info(started.ray_job_id)

@@ -17,7 +17,8 @@ its partitions next reads it again). The dead-letter topic is at-least-once (a r
 an entry; source topic/partition/offset identify it). Durable state lives in the database, never
 in faust tables. After a batch that may reach the threshold, and on a timer (cooldowns expire
 while the stream is idle), the trigger checks it; the timer also publishes requests that a broker
-outage left recorded but unsent.
+outage left recorded but unsent. Served answers (``kafka.answers_topic``) ride in the same batches: their
+questions go to ``live_questions``, once per answer id, for the drift monitor.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class BatchSink(ConsumerRebalanceListener):
     async def _handle(self, records: Sequence[SourceRecord], batch: Batch) -> None:
         started = time.perf_counter()
         metrics.CONSUMED.inc(len(records))
-        result, refused = await self._store(batch.rows)
+        result, refused = await self._store(batch)
         await self._dead_letter(batch.rejected + refused)
         metrics.ACCEPTED.inc(result.new)
         metrics.DUPLICATES.inc(result.duplicates)
@@ -183,12 +184,12 @@ class BatchSink(ConsumerRebalanceListener):
         log.debug("batch of %d: %d new, %d duplicates, %d dead-lettered", len(records), result.new,
                   result.duplicates, len(batch.rejected) + len(refused))
 
-    async def _store(self, rows) -> tuple[InsertResult, list[tuple[SourceRecord, Rejection]]]:
+    async def _store(self, batch: Batch) -> tuple[InsertResult, list[tuple[SourceRecord, Rejection]]]:
         """Wait out database outages: nothing is committed until the rows are stored."""
         delay = 0.5
         while True:
             try:
-                return await asyncio.to_thread(store_batch, self.engine, rows)
+                return await asyncio.to_thread(store_batch, self.engine, batch.rows, batch.live)
             except DBAPIError as e:
                 log.error("database unavailable (%s); retrying the batch in %.1fs", e.orig, delay)
                 await asyncio.sleep(delay)
@@ -268,7 +269,8 @@ class EventConsumer(mode.Service):
     async def on_started(self) -> None:
         consumer = build_consumer(self.settings)  # aiokafka binds to the running loop
         sink = BatchSink(self.settings, self.engine, self.dlq, consumer, self.checker)
-        consumer.subscribe([self.settings.kafka.events_topic], listener=sink)
+        # Served answers share the batches: their questions are the drift monitor's live window.
+        consumer.subscribe([self.settings.kafka.events_topic, self.settings.kafka.answers_topic], listener=sink)
         await consumer.start()
         self._consuming = asyncio.create_task(self._consume(consumer, sink))
         self._consuming.add_done_callback(self._crash_on_error)

@@ -13,17 +13,20 @@ import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schemas.events import DeadLetter, QAEvent, describe_errors
+from schemas.serving import AnswerEvent
 from schemas.settings import Settings
-from services.store import InsertResult, insert_events
+from services.store import InsertResult, insert_events, insert_live_questions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", QAEvent, AnswerEvent)
 
 _TEXT_FIELDS = ("question", "answer", "source", "qtype", "focus", "model_version")
 
@@ -53,6 +56,8 @@ class Rejection:
 class Batch:
     rows: list[tuple[SourceRecord, dict[str, Any]]] = field(default_factory=list)
     rejected: list[tuple[SourceRecord, Rejection]] = field(default_factory=list)
+    live: list[tuple[SourceRecord, dict[str, Any]]] = field(default_factory=list)
+    """Served answers (``kafka.answers_topic``) as live_questions rows."""
 
 
 def _classify(error: ValidationError) -> Rejection:
@@ -74,8 +79,8 @@ def _classify(error: ValidationError) -> Rejection:
     return Rejection("schema", detail)
 
 
-def validate_record(raw: bytes | None, max_bytes: int, max_text_chars: int) -> QAEvent | Rejection:
-    """A QAEvent, or why the record cannot be accepted. Never raises on input."""
+def _parsed(raw: bytes | None, max_bytes: int, contract: type[T]) -> T | Rejection:
+    """The record decoded and validated as ``contract``, or why not."""
     if raw is None:
         return Rejection("empty_record", "record has no value")
     if len(raw) > max_bytes:
@@ -85,9 +90,16 @@ def validate_record(raw: bytes | None, max_bytes: int, max_text_chars: int) -> Q
     except UnicodeDecodeError as e:
         return Rejection("undecodable", f"value is not UTF-8: {e}")
     try:
-        event = QAEvent.model_validate_json(text)
+        return contract.model_validate_json(text)
     except ValidationError as e:
         return _classify(e)
+
+
+def validate_record(raw: bytes | None, max_bytes: int, max_text_chars: int) -> QAEvent | Rejection:
+    """A QAEvent, or why the record cannot be accepted. Never raises on input."""
+    event = _parsed(raw, max_bytes, QAEvent)
+    if isinstance(event, Rejection):
+        return event
     too_long = [name for name in ("question", "answer") if len(getattr(event, name)) > max_text_chars]
     if too_long:
         return Rejection("too_long", f"{', '.join(too_long)} longer than {max_text_chars} characters")
@@ -96,6 +108,20 @@ def validate_record(raw: bytes | None, max_bytes: int, max_text_chars: int) -> Q
     if with_nul:
         return Rejection("nul_character", f"NUL character in {', '.join(with_nul)}")
     return event
+
+
+def validate_answer(raw: bytes | None, max_bytes: int) -> AnswerEvent | Rejection:
+    """An AnswerEvent from ``kafka.answers_topic``, or why it cannot be a live question. Never raises on input."""
+    answer = _parsed(raw, max_bytes, AnswerEvent)
+    if not isinstance(answer, Rejection) and "\x00" in answer.question + answer.model_version:
+        return Rejection("nul_character", "NUL character in question or model_version")
+    return answer
+
+
+def live_row(answer: AnswerEvent) -> dict[str, Any]:
+    """The live_questions row of a served answer."""
+    return {"answer_id": str(answer.answer_id), "question": answer.question, "model_version": answer.model_version,
+            "answered_at": answer.answered_at}
 
 
 def event_row(event: QAEvent, record: SourceRecord) -> dict[str, Any]:
@@ -118,6 +144,13 @@ def dead_letter(record: SourceRecord, rejection: Rejection) -> DeadLetter:
 def split_batch(records: Sequence[SourceRecord], settings: Settings) -> Batch:
     batch = Batch()
     for record in records:
+        if record.topic == settings.kafka.answers_topic:
+            answer = validate_answer(record.value, settings.kafka.max_message_bytes)
+            if isinstance(answer, Rejection):
+                batch.rejected.append((record, answer))
+            else:
+                batch.live.append((record, live_row(answer)))
+            continue
         outcome = validate_record(record.value, settings.kafka.max_message_bytes, settings.stream.max_text_chars)
         if isinstance(outcome, Rejection):
             batch.rejected.append((record, outcome))
@@ -132,29 +165,34 @@ def is_retryable(error: DBAPIError) -> bool:
 
 
 def store_batch(
-    engine: Engine, rows: Sequence[tuple[SourceRecord, dict[str, Any]]]
+    engine: Engine, rows: Sequence[tuple[SourceRecord, dict[str, Any]]],
+    live: Sequence[tuple[SourceRecord, dict[str, Any]]] = (),
 ) -> tuple[InsertResult, list[tuple[SourceRecord, Rejection]]]:
-    """Insert a batch in one transaction; if the database refuses it, find the refused rows one by one.
+    """Insert a batch (events, live questions) in one transaction; if refused, find the refused rows one by one.
 
-    Retryable (connection) errors propagate: the caller waits and retries, offsets stay uncommitted.
+    Returns the events' InsertResult. Retryable (connection) errors propagate: the caller waits and retries,
+    offsets stay uncommitted.
     """
     try:
         with engine.begin() as conn:
+            insert_live_questions(conn, [row for _, row in live])
             return insert_events(conn, [row for _, row in rows]), []
     except DBAPIError as e:
         if is_retryable(e):
             raise
-        log.warning("database refused a batch of %d rows (%s); retrying row by row", len(rows), e.orig)
+        log.warning("database refused a batch of %d rows (%s); retrying row by row", len(rows) + len(live), e.orig)
     new = duplicates = 0
     refused: list[tuple[SourceRecord, Rejection]] = []
-    for record, row in rows:
+    for record, row, insert in [(r, row, insert_events) for r, row in rows] + [
+            (r, row, insert_live_questions) for r, row in live]:
         try:
             with engine.begin() as conn:
-                result = insert_events(conn, [row])
+                result = insert(conn, [row])
         except DBAPIError as e:
             if is_retryable(e):
                 raise
             refused.append((record, Rejection("store_refused", str(e.orig)[:500])))
             continue
-        new, duplicates = new + result.new, duplicates + result.duplicates
+        if insert is insert_events:
+            new, duplicates = new + result.new, duplicates + result.duplicates
     return InsertResult(new=new, duplicates=duplicates), refused

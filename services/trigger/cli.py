@@ -21,7 +21,8 @@ def _print_outcome(outcome) -> None:
     from rich.table import Table
 
     result = outcome.result
-    table = Table(title=f"drift vs champion {outcome.champion} (rows up to {outcome.last_row_id}; window "
+    origin = "answered questions" if outcome.origin == "answers" else "stored QA events (no answered questions yet)"
+    table = Table(title=f"drift vs champion {outcome.champion} ({origin} up to row {outcome.last_row_id}; window "
                         f"{result.window_size} questions, {result.window_topics} topics; reference "
                         f"{result.reference_size} questions, {result.reference_topics} topics)")
     for column in ("test", "statistic", "p-value", "rejected", "detail"):

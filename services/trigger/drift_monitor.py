@@ -1,5 +1,10 @@
 """The live drift monitor: latest production questions vs the champion's reference, a retrain when they differ.
 
+The window is what users actually asked: the newest questions the answer service served (``live_questions``,
+from ``kafka.answers_topic``). Until ``drift.window_size`` of them are stored it falls back to the newest stored
+QA events and says so. Live questions carry no MedQuAD source or qtype, so on them those two tests compare
+nothing (both sides get one label: p = 1); the embedding and length tests decide.
+
     medretrain drift check            # one check now, a table of the tests
     medretrain serve drift            # check every ``drift.stride`` new rows (Ctrl-C stops)
 
@@ -19,14 +24,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from schemas.events import RetrainRequest
 from schemas.settings import Settings
-from services.store import QAEventRow, create_schema, make_engine, max_row_id
+from services.store import LiveQuestionRow, QAEventRow, create_schema, make_engine
 from services.trigger.drift import DriftResult, QuestionSample, detect, qtype_label
 from services.trigger.drift_reference import champion_version, load_or_build
 from services.trigger.embeddings import embed
@@ -38,10 +44,17 @@ DRIFT_KIND = "drift"
 CHAMPION_TAG = "medretrain.champion_version"
 
 
+Origin = Literal["answers", "events"]
+UNLABELLED = "(live question)"
+"""The one source and qtype of every live question, given to both sides of a live comparison."""
+
+
 @dataclass(frozen=True)
 class LiveWindow:
     sample: QuestionSample
     last_row_id: int
+    """Of ``live_questions`` for the answers origin, of ``qa_events`` for the events one."""
+    origin: Origin = "events"
 
 
 @dataclass(frozen=True)
@@ -51,21 +64,47 @@ class CheckOutcome:
     last_row_id: int
     request: RetrainRequest | None = None
     report_run_id: str | None = None
+    origin: Origin = "events"
+
+
+def window_origin(conn, size: int) -> Origin:
+    """Answered questions once a full window of them is stored, else the stored QA events."""
+    live = conn.execute(select(func.count()).select_from(LiveQuestionRow)).scalar_one()
+    return "answers" if live >= size else "events"
+
+
+def _newest_rows(conn, origin: Origin, size: int) -> list:
+    if origin == "answers":
+        table = LiveQuestionRow
+        columns = (table.row_id, table.question)
+    else:
+        table = QAEventRow
+        columns = (table.row_id, table.question, table.source, table.qtype, table.focus)
+    return conn.execute(select(*columns).order_by(table.row_id.desc()).limit(size)).all()[::-1]
 
 
 def latest_window(engine: Engine, size: int, batch_size: int) -> LiveWindow | None:
-    """The newest ``size`` stored questions, embedded; None while fewer are stored."""
-    stmt = (select(QAEventRow.row_id, QAEventRow.question, QAEventRow.source, QAEventRow.qtype, QAEventRow.focus)
-            .order_by(QAEventRow.row_id.desc()).limit(size))
+    """The newest ``size`` questions users asked (else stored QA events), embedded; None while fewer are stored."""
     with engine.connect() as conn:
-        rows = conn.execute(stmt).all()[::-1]
+        origin = window_origin(conn, size)
+        rows = _newest_rows(conn, origin, size)
     if len(rows) < size:
         return None
+    if origin == "events":
+        log.info("drift window: the newest %d stored QA events (fewer than %d answered questions yet)", size, size)
     questions = [r.question for r in rows]
-    sample = QuestionSample(questions=questions, embeddings=embed(questions, batch_size),
-                            sources=[r.source for r in rows], qtypes=[qtype_label(r.qtype) for r in rows],
-                            topics=[r.focus for r in rows])
-    return LiveWindow(sample, rows[-1].row_id)
+    labels = {"sources": [UNLABELLED] * size, "qtypes": [UNLABELLED] * size} if origin == "answers" else {
+        "sources": [r.source for r in rows], "qtypes": [qtype_label(r.qtype) for r in rows],
+        "topics": [r.focus for r in rows]}
+    sample = QuestionSample(questions=questions, embeddings=embed(questions, batch_size), **labels)
+    return LiveWindow(sample, rows[-1].row_id, origin)
+
+
+def comparable(reference: QuestionSample, window: LiveWindow) -> QuestionSample:
+    """The reference as the window can be compared with it: unlabelled against live questions."""
+    if window.origin == "events":
+        return reference
+    return replace(reference, sources=[UNLABELLED] * len(reference), qtypes=[UNLABELLED] * len(reference))
 
 
 def report_figure(reference: QuestionSample, window: QuestionSample, result: DriftResult):
@@ -122,7 +161,8 @@ def log_report(
     run_id = open_run(settings, tags, run_name=f"drift-v{champion}-row{window.last_row_id}")
     mlflow = mlflow_client(settings)
     with finishing(settings, run_id):
-        report = result.evidence() | {"champion_version": champion, "window_last_row_id": window.last_row_id}
+        report = result.evidence() | {"champion_version": champion, "window_last_row_id": window.last_row_id,
+                                      "window_origin": window.origin}
         log_json(settings, run_id, "drift_report.json", report)
         fig = report_figure(reference, window.sample, result)
         with tempfile.TemporaryDirectory() as tmp:
@@ -166,34 +206,40 @@ class DriftMonitor:
         if window is None:
             log.info("drift check waits: fewer than %d questions stored", drift.window_size)
             return None
+        reference = comparable(reference, window)
         result = detect(reference, window.sample, drift)
         p_values = ", ".join(f"{n} p={t.p_value:.3g}" for n, t in result.tests.items())
         log.info(
-            "drift check of rows up to %d vs champion %s: %s (%s)",
+            "drift check of %s rows up to %d vs champion %s: %s (%s)",
+            window.origin,
             window.last_row_id,
             champion,
             "DRIFT" if result.drift else "no drift",
             p_values,
         )
         if not result.drift:
-            return CheckOutcome(result, champion, window.last_row_id)
+            return CheckOutcome(result, champion, window.last_row_id, origin=window.origin)
 
         def signal(run_id: str) -> RetrainRequest | None:
             evidence = result.evidence() | {
                 "champion_version": champion,
                 "report_run_id": run_id,
                 "window_last_row_id": window.last_row_id,
+                "window_origin": window.origin,
             }
             return signal_drift(self.settings, evidence, self.engine)
 
         run_id, request = log_report(self.settings, champion, reference, window, result, signal)
-        return CheckOutcome(result, champion, window.last_row_id, request, run_id)
+        return CheckOutcome(result, champion, window.last_row_id, request, run_id, window.origin)
 
-    def _due(self, last_row: int, last_time: float) -> bool:
+    def _due(self, last: tuple[Origin, int], last_time: float) -> bool:
+        """``drift.stride`` new rows in the window's origin (or a new origin) and ``min_interval_s`` since the last."""
         drift = self.settings.drift
         with self.engine.connect() as conn:
-            newest = max_row_id(conn)
-        return newest - last_row >= drift.stride and time.monotonic() - last_time >= drift.min_interval_s
+            origin = window_origin(conn, drift.window_size)
+            newest = _newest_rows(conn, origin, 1)
+        moved = origin != last[0] or (newest[0].row_id if newest else 0) - last[1] >= drift.stride
+        return moved and time.monotonic() - last_time >= drift.min_interval_s
 
     def serve(self, stop: threading.Event) -> None:
         """Check whenever ``drift.stride`` rows arrived since the last check and ``min_interval_s`` passed.
@@ -210,13 +256,14 @@ class DriftMonitor:
 
         retryable = (LookupError, OSError, MlflowException, OperationalError, KafkaError, SnapshotWriteError)
 
-        last_row, last_time = 0, float("-inf")
+        last: tuple[Origin, int] = ("events", 0)
+        last_time = float("-inf")
         while not stop.is_set():
             try:
-                if self._due(last_row, last_time):
+                if self._due(last, last_time):
                     outcome = self.check()
                     if outcome is not None:
-                        last_row, last_time = outcome.last_row_id, time.monotonic()
+                        last, last_time = (outcome.origin, outcome.last_row_id), time.monotonic()
             except retryable as e:
                 log.warning("drift check failed, retrying in %.0fs: %s", self.settings.drift.poll_interval_s, e)
             stop.wait(self.settings.drift.poll_interval_s)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.artifacts import Lineage, TrainedAdapter
+from schemas.artifacts import Lineage, TrainedAdapter, Verdict
 from schemas.settings import LoraSettings, Settings
 from trainer.model import attach_lora, load_base
 
@@ -46,10 +46,13 @@ def write_rules(path: Path, rules: list[dict]) -> Path:
     return path
 
 
-def save_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
+TINY_LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+def save_adapter(base_dir: Path, out_dir: Path, seed: int, lora: LoraSettings = TINY_LORA) -> Path:
     """A PEFT folder (+ tokenizer) whose LoRA B matrices are random, so it really changes the model."""
     model, tokenizer = load_base(base_dir)
-    adapter = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")))
+    adapter = attach_lora(model, lora)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, weight in adapter.named_parameters():
@@ -91,3 +94,17 @@ def log_candidate(
     client.log_text(run_id, adapter.model_dump_json(), TRAINED_ADAPTER_FILE)
     client.set_terminated(run_id, "FINISHED")
     return adapter
+
+
+def judged(settings: Settings, candidate: TrainedAdapter, passed: bool = True) -> str:
+    """Register a candidate through promotion alone (it reads only the Verdict); returns its version."""
+    from evaluator import promotion
+
+    verdict = Verdict(
+        candidate_run_id=candidate.run_id,
+        baseline_version="1",
+        passed=passed,
+        rules=[],
+        metrics={"candidate": {"medquad.loss": 2.0}, "baseline": {"medquad.loss": 2.1}},
+    )
+    return promotion.apply_verdict(settings, verdict)

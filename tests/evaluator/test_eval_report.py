@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evaluator.evaluate import decision_tags
+from evaluator.decision import decision_tags
 from evaluator.report import build_report
 from schemas.artifacts import RuleResult, Verdict
 

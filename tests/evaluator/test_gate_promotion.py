@@ -8,14 +8,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from eval_fixtures import FAIL_RULES, PASS_RULES, log_candidate
+from eval_fixtures import FAIL_RULES, PASS_RULES, judged, log_candidate
 from typer.testing import CliRunner
 
 from deploy.registry import RUN_VERSION_TAG, mlflow_client, open_registry
 from evaluator import promotion
 from evaluator.decision import read_decision
 from evaluator.evaluate import run as evaluate_run
-from schemas.artifacts import SnapshotManifest, Verdict
+from schemas.artifacts import SnapshotManifest
 from schemas.data import QAPair
 from schemas.settings import Settings
 from services.cli import build_app
@@ -220,21 +220,9 @@ def test_failing_candidate_leaves_the_champion_and_needs_force_with_reason(make_
     assert (last.action, last.reason) == ("forced", "hotfix approved by clinical lead")
 
 
-def _judged(settings: Settings, candidate, passed: bool = True) -> str:
-    """Register a candidate through promotion alone (it reads only the Verdict)."""
-    verdict = Verdict(
-        candidate_run_id=candidate.run_id,
-        baseline_version="1",
-        passed=passed,
-        rules=[],
-        metrics={"candidate": {"medquad.loss": 2.0}, "baseline": {"medquad.loss": 2.1}},
-    )
-    return promotion.apply_verdict(settings, verdict)
-
-
 def test_reject_and_rollback_round_trips(make_settings, make_candidate):
     settings = make_settings(promotion="review")
-    v2, v3, v4 = (_judged(settings, make_candidate(settings, seed=s)) for s in (4, 5, 6))
+    v2, v3, v4 = (judged(settings, make_candidate(settings, seed=s)) for s in (4, 5, 6))
     assert aliases(settings)["challenger"] == v4
 
     promotion.promote(settings, v2, actor="alice")
@@ -275,7 +263,7 @@ def test_no_alias_points_at_a_version_without_artifacts(make_settings, make_cand
     empty = log_candidate(settings, adapter_dir=None, base_version="1", snapshot_id=None)
 
     with pytest.raises(promotion.RegistryError, match="lacks|not downloadable"):
-        _judged(settings, empty)
+        judged(settings, empty)
     assert aliases(settings) == {"champion": "1"}
 
 

@@ -4,6 +4,7 @@
         settings = with_overrides(settings, {"s3": {"endpoint": proxy.url}})
         ...                                   # proxy.dropped lists the (method, path) of each request cut
     proxy.drop = lambda method, path: True    # the service is "down": every request is cut
+    proxy.sever(); ...; proxy.restore()       # any protocol (e.g. Kafka): open connections cut, new ones refused
 
 A dropped request closes the client's connection before anything reaches the service, the way
 a crashed server or a broken network does. Bytes pass unchanged, so S3 SigV4 signatures hold.
@@ -27,6 +28,9 @@ class FaultyProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._closed = threading.Event()
+        self._severed = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
 
     def __enter__(self) -> FaultyProxy:
         threading.Thread(target=self._accept, name="faulty-proxy", daemon=True).start()
@@ -36,12 +40,25 @@ class FaultyProxy:
         self._closed.set()
         self._listener.close()
 
+    def sever(self) -> None:
+        """The service is unreachable: cut every open connection and close each new one at once, until restore()."""
+        self._severed.set()
+        with self._lock:
+            for sock in self._open:
+                _shut(sock)
+
+    def restore(self) -> None:
+        self._severed.clear()
+
     def _accept(self) -> None:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
             except OSError:  # closed by __exit__
                 return
+            if self._severed.is_set():
+                client.close()
+                continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
@@ -50,6 +67,8 @@ class FaultyProxy:
         except OSError:
             client.close()
             return
+        with self._lock:
+            self._open.update((client, server))
         threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
         self._pump(client, server, True)
 
@@ -67,9 +86,15 @@ class FaultyProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._open.difference_update((source, target))
             for sock in (source, target):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

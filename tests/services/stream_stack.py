@@ -47,6 +47,7 @@ def open_env(base: Settings, extra: dict[str, Any]) -> StreamEnv:
     url = make_url(base.database.url).set(database=f"medretrain_stream_{suffix}")
     values = {
         "kafka.events_topic": f"qa.events.{suffix}",
+        "kafka.answers_topic": f"qa.answers.{suffix}",
         "kafka.dlq_topic": f"qa.events.dlq.{suffix}",
         "kafka.requests_topic": f"retrain.requests.{suffix}",
         "kafka.status_topic": f"retrain.status.{suffix}",
@@ -92,7 +93,7 @@ def close_env(env: StreamEnv) -> None:
     client = KafkaAdminClient(bootstrap_servers=env.settings.kafka.bootstrap)
     k = env.settings.kafka
     try:
-        client.delete_topics([k.events_topic, k.dlq_topic, k.requests_topic, k.status_topic])
+        client.delete_topics([k.events_topic, k.dlq_topic, k.requests_topic, k.status_topic, k.answers_topic])
     except Exception:  # noqa: BLE001 - cleanup of a shared test broker is best effort
         pass
     finally:

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import create_engine, insert, make_url, select, text
+from sqlalchemy import insert, select
 from stream_events import build_event
 
 from schemas.events import RetrainRequest
-from schemas.settings import load_settings
 from services.store import (
+    LiveQuestionRow,
     QAEventRow,
     RetrainRequestRow,
     SnapshotRow,
     count_rows_between,
-    create_schema,
     insert_events,
+    insert_live_questions,
     last_watermark,
     load_request,
-    make_engine,
     max_row_id,
 )
 from services.stream.ingest import SourceRecord, event_row
@@ -28,23 +26,6 @@ from services.stream.ingest import SourceRecord, event_row
 # Text that a hand-built statement or a JSON encoding would mangle.
 AWKWARD = ['quote " and \\ backslash', "it's; DROP TABLE qa_events; --", "é 中文 😀 \u2028", "tab\tand\nnewline",
            '{"looks": ["like", "json"]}', "\\u0000 escaped, not NUL", "$1 %s %(x)s :now ?"]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def store_engine(request, sqlite_engine):
-    """The store on each database the event insert has a path for (PostgreSQL: a scratch database)."""
-    if request.param == "sqlite":
-        yield sqlite_engine
-        return
-    url = make_url(load_settings().database.url).set(database=f"medretrain_store_{uuid.uuid4().hex[:10]}")
-    engine = make_engine(load_settings([f"database.url={url.render_as_string(hide_password=False)}"]))
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{url.database}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _rows(events, offset0=0):
@@ -104,3 +85,15 @@ def test_load_request_round_trips_and_names_a_missing_id(sqlite_settings, sqlite
     assert load_request(sqlite_settings, "rr-1") == request
     with pytest.raises(KeyError, match="rr-missing"):
         load_request(sqlite_settings, "rr-missing")
+
+
+def test_live_questions_are_stored_once_per_answer(store_engine):
+    rows = [{"answer_id": f"a-{i}", "question": AWKWARD[i], "model_version": "2", "answered_at": datetime.now(UTC)}
+            for i in range(3)]
+    with store_engine.begin() as conn:
+        first = insert_live_questions(conn, rows + rows[:1])
+        again = insert_live_questions(conn, rows[1:])
+    assert (first.new, first.duplicates, again.new, again.duplicates) == (3, 1, 0, 2)
+    with store_engine.connect() as conn:
+        stored = conn.execute(select(LiveQuestionRow.question).order_by(LiveQuestionRow.row_id)).scalars().all()
+    assert stored == AWKWARD[:3]

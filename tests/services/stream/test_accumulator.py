@@ -60,12 +60,12 @@ def test_offsets_are_committed_only_after_the_rows(sqlite_settings, sqlite_engin
     started, commit = threading.Event(), threading.Event()
     calls: list[int] = []
 
-    def store_when_allowed(engine, rows):
+    def store_when_allowed(engine, rows, live=()):
         calls.append(len(rows))
         started.set()
         if not commit.wait(timeout=60):  # a deadline against a hung test, not a timing assertion
             raise TimeoutError("the test never let the store commit")
-        return store_batch(engine, rows)
+        return store_batch(engine, rows, live)
 
     monkeypatch.setattr(accumulator, "store_batch", store_when_allowed)
     consumer = GroupConsumer({P0, P1})

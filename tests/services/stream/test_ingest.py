@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 from sqlalchemy import func, select
 from stream_events import build_event
 
+from schemas.serving import AnswerEvent
 from schemas.settings import load_settings
-from services.store import QAEventRow, create_schema, make_engine
+from services.store import LiveQuestionRow, QAEventRow, create_schema, make_engine
 from services.stream.ingest import (
     Rejection,
     SourceRecord,
@@ -104,3 +106,24 @@ def test_database_refusal_is_isolated_to_the_refused_row(tmp_path):
 
 def _row(n: int) -> dict:
     return event_row(build_event(n), SourceRecord("t", 0, n, b""))
+
+
+def test_served_answers_become_live_questions_once_and_bad_ones_are_dead_lettered(sqlite_settings, sqlite_engine):
+    answers_topic = sqlite_settings.kafka.answers_topic
+    answers = [AnswerEvent(answer_id=uuid.uuid4(), question=f"Live question {i}?", answer="a", model_version="2",
+                           alias="champion") for i in range(3)]
+    values = [a.model_dump_json().encode() for a in answers] + [answers[0].model_dump_json().encode()]
+    bad = json.dumps(json.loads(values[1]) | {"question": ""}).encode()
+    records = [SourceRecord(answers_topic, 0, i, v) for i, v in enumerate([*values, bad, b"\xff"])]
+    records.append(SourceRecord(sqlite_settings.kafka.events_topic, 0, 0, build_event(1).model_dump_json().encode()))
+    batch = split_batch(records, sqlite_settings)
+    assert (len(batch.live), len(batch.rows)) == (4, 1)
+    assert [(r.offset, j.category) for r, j in batch.rejected] == [(4, "empty_field"), (5, "undecodable")]
+    result, refused = store_batch(sqlite_engine, batch.rows, batch.live)
+    assert (result.new, refused) == (1, [])
+    store_batch(sqlite_engine, batch.rows, batch.live)  # a redelivery stores nothing twice
+    with sqlite_engine.connect() as conn:
+        columns = (LiveQuestionRow.answer_id, LiveQuestionRow.question)
+        live = conn.execute(select(*columns).order_by(LiveQuestionRow.row_id))
+        assert live.all() == [(str(a.answer_id), a.question) for a in answers]
+        assert conn.execute(select(func.count()).select_from(QAEventRow)).scalar_one() == 1

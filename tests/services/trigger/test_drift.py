@@ -138,6 +138,49 @@ def test_drift_on_a_single_source_window_names_the_source(reference):
     assert result.tests["source"].detail["top_shifted"][0]["category"] == "CDC"
 
 
+def _store_live(engine, questions: list[str]) -> None:
+    from datetime import UTC, datetime
+
+    from services.store import insert_live_questions
+
+    with engine.begin() as conn:
+        insert_live_questions(conn, [{"answer_id": str(uuid.uuid4()), "question": q, "model_version": "2",
+                                      "answered_at": datetime.now(UTC)} for q in questions])
+
+
+def test_the_window_is_answered_questions_once_a_window_of_them_is_stored(sqlite_engine):
+    from services.store import insert_events
+    from services.stream.ingest import SourceRecord, event_row
+    from services.trigger.drift_monitor import UNLABELLED, latest_window
+
+    events = [build_event(i, question=f"Event question {i}?") for i in range(12)]
+    with sqlite_engine.begin() as conn:
+        insert_events(conn, [event_row(e, SourceRecord("t", 0, i, b"")) for i, e in enumerate(events)])
+    _store_live(sqlite_engine, [f"Live question {i}?" for i in range(9)])
+    fallback = latest_window(sqlite_engine, size=10, batch_size=16)
+    assert fallback.origin == "events" and fallback.sample.questions[-1] == "Event question 11?"
+    _store_live(sqlite_engine, ["Live question 9?", "Live question 10?"])
+    live = latest_window(sqlite_engine, size=10, batch_size=16)
+    assert (live.origin, live.last_row_id) == ("answers", 11)
+    assert live.sample.questions == [f"Live question {i}?" for i in range(1, 11)]
+    assert set(live.sample.sources) == set(live.sample.qtypes) == {UNLABELLED} and live.sample.topics is None
+
+
+@pytest.mark.parametrize(("rows", "drifted"), [("held-out", False), ("consumer", True)])
+def test_answered_questions_are_judged_on_their_text_alone(reference, rows, drifted):
+    from services.trigger.drift_monitor import UNLABELLED, LiveWindow, comparable
+
+    chosen = (random.Random(1).sample(medquad_rows("validation"), SMALL.window_size) if rows == "held-out"
+              else _consumer_rows(SMALL.window_size, seed=2))
+    labelled = _sample(chosen)
+    unlabelled = QuestionSample(questions=labelled.questions, embeddings=labelled.embeddings,
+                                sources=[UNLABELLED] * len(labelled), qtypes=[UNLABELLED] * len(labelled))
+    window = LiveWindow(unlabelled, last_row_id=len(chosen), origin="answers")
+    result = detect(comparable(reference, window), window.sample, SMALL)
+    assert result.drift is drifted, result.evidence()
+    assert result.tests["source"].p_value == result.tests["qtype"].p_value == 1.0
+
+
 # --- integration: the monitor on the real stack ------------------------------------------------------------------
 
 def _register_champion(settings) -> str:
