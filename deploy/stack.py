@@ -1,4 +1,4 @@
-"""The embedded stack: S3, Kafka-protocol broker, MLflow and a Ray head on 127.0.0.1.
+"""The embedded stack: PostgreSQL, S3, Kafka-protocol broker, MLflow and a Ray head on 127.0.0.1.
 
     medretrain stack up       # idempotent: healthy services are kept as they are
     medretrain stack status
@@ -18,16 +18,21 @@ from dataclasses import dataclass
 
 from deploy import process
 from deploy.process import ServiceError
-from deploy.services import Service, kafka, mlflow, ray, s3
+from deploy.services import Service, kafka, mlflow, postgres, ray, s3
 from deploy.services.postgres import existing_databases
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Start order: the broker stores topics in S3, MLflow stores artifacts there.
-SERVICES: tuple[Service, ...] = (s3.SERVICE, kafka.SERVICE, mlflow.SERVICE, ray.SERVICE)
+# Start order: MLflow's metadata is on PostgreSQL; the broker stores topics in S3, MLflow stores artifacts there.
+SERVICES: tuple[Service, ...] = (postgres.SERVICE, s3.SERVICE, kafka.SERVICE, mlflow.SERVICE, ray.SERVICE)
 APP_SERVICES = ("accumulator", "orchestrator")
 """medretrain's own long-running services (`medretrain serve NAME`), spawned beside the stack by the demo."""
+
+
+def services(settings: Settings) -> list[Service]:
+    """The services these settings run, in start order."""
+    return [service for service in SERVICES if service.enabled(settings)]
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def up(settings: Settings, progress: Progress = log.info) -> list[str]:
     home.mkdir(parents=True, exist_ok=True)
     started = []
     with _stack_lock(settings):
-        for service in SERVICES:
+        for service in services(settings):
             progress(f"{service.name}: starting")
             if _start(settings, service):
                 started.append(service.name)
@@ -127,8 +132,9 @@ def down(settings: Settings, progress: Progress = log.info, only: Iterable[str] 
         raise ValueError(f"unknown services {sorted(unknown)}; the stack has {[s.name for s in SERVICES]}")
     stopped = []
     with _stack_lock(settings):
+        # Every service, enabled or not: a settings change must not strand a running one.
         for service in reversed(SERVICES):
-            if service.name in names and process.stop(settings.stack.home, service.name):
+            if service.name in names and process.stop(settings.stack.home, service.name, first_signal=service.stop_signal):
                 stopped.append(service.name)
                 progress(f"{service.name}: stopped")
     return stopped
@@ -142,5 +148,5 @@ def status(settings: Settings) -> list[ServiceStatus]:
             healthy=service.healthy(settings),
             pid=process.running_pid(settings.stack.home, service.name),
         )
-        for service in SERVICES
+        for service in services(settings)
     ]

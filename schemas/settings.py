@@ -55,15 +55,17 @@ class S3Settings(_Section):
 
 
 class DatabaseSettings(_Section):
-    url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/medretrain"
-    """Durable store of accepted events, snapshots and orchestrator state. ``sqlite:///path`` works too."""
+    url: str | None = None
+    """Durable store of accepted events, snapshots and orchestrator state: a SQLAlchemy URL (an external
+    PostgreSQL server; ``sqlite:///path`` works too). None: database ``medretrain`` on the embedded stack's
+    PostgreSQL (``stack.postgres_port``)."""
 
 
 class MlflowSettings(_Section):
     port: int = 15000
     tracking_uri: str = "http://127.0.0.1:15000"
-    backend_store_uri: str | None = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
-    """None: SQLite under the stack home."""
+    backend_store_uri: str | None = None
+    """MLflow's metadata store (a SQLAlchemy URL). None: database ``mlflow`` on the embedded stack's PostgreSQL."""
     experiment: str = "medretrain"
     registered_model: str = "medqa-assistant"
 
@@ -76,8 +78,12 @@ class RaySettings(_Section):
     num_cpus: int | None = None
     """CPUs the embedded head offers; None lets Ray count them."""
     runtime_env: Path = Path("deploy/ray_runtime.json")
+    auth_token_file: Path | None = None
+    """Ray's token authentication (``RAY_AUTH_TOKEN_PATH`` of every client, ``deploy.clients.use_ray``). None:
+    ``<stack home>/ray_token``, generated (0600) by ``stack up``; on a cluster, the file its Secret mounts."""
     client_server_port: int = 10001
-    """Ray Client server of the embedded head; distinct per stack so a dev and a test head coexist."""
+    """Ray Client server of the embedded head (Ray starts one whatever we ask; on 127.0.0.1, token-checked);
+    distinct per stack so a dev and a test head coexist."""
     dashboard_agent_port: int = 52365
     """HTTP port of the head's dashboard agent (same reason)."""
     min_worker_port: int = 40000
@@ -98,6 +104,8 @@ class StackSettings(_Section):
     s3_grpc_offset: int = 10000
     s3_admin_port: int = 23646
     """SeaweedFS admin UI (password-protected with a generated secret); its gRPC port adds the offset too."""
+    postgres_port: int = 15432
+    """The embedded PostgreSQL server (started when ``database.url`` or ``mlflow.backend_store_uri`` is None)."""
     start_timeout_s: float = 90.0
     broker_bucket: str = "medretrain-broker"
     """S3 bucket holding the embedded Kafka-protocol broker's topics (so they survive a restart)."""

@@ -54,6 +54,9 @@ def _root(
         ctx.obj = load_settings(overrides)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    from deploy.clients import use_ray
+
+    use_ray(ctx.obj)  # any command may reach Ray (status, train, serve): with the stack's token
 
 
 def build_app() -> typer.Typer:

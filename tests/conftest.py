@@ -28,8 +28,7 @@ TEST_ENV = {
     "MEDRETRAIN_KAFKA__BOOTSTRAP": "127.0.0.1:29092",
     "MEDRETRAIN_MLFLOW__PORT": "25000",
     "MEDRETRAIN_MLFLOW__TRACKING_URI": "http://127.0.0.1:25000",
-    "MEDRETRAIN_MLFLOW__BACKEND_STORE_URI": "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow_test",
-    "MEDRETRAIN_DATABASE__URL": "postgresql+psycopg://postgres@127.0.0.1:5432/medretrain_test",
+    "MEDRETRAIN_STACK__POSTGRES_PORT": "25432",
     "MEDRETRAIN_RAY__GCS_PORT": "26379",
     "MEDRETRAIN_RAY__DASHBOARD_PORT": "28265",
     "MEDRETRAIN_RAY__ADDRESS": "http://127.0.0.1:28265",
@@ -73,10 +72,12 @@ def stack() -> Settings:
     and never with MEDRETRAIN_TEST_KEEP_STACK=1.
     """
     from deploy import stack as embedded
+    from deploy.clients import use_ray
     from deploy.services import s3
     from deploy.services.postgres import drop_databases
 
     settings = load_settings()
+    use_ray(settings)  # every Ray client in this session (and its subprocesses) uses the stack's token
     if not s3.server_dir(settings).exists():
         # A new stack home means empty S3: registry rows or snapshots left in the test databases by an
         # earlier stack would point at objects that no longer exist (a fresh CI clone on a used machine).

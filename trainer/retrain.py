@@ -249,6 +249,9 @@ def connect_ray(settings: Settings) -> None:
     """Join the cluster: RAY_ADDRESS under ``ray job submit``, else the stack's Ray head."""
     import ray
 
+    from deploy.clients import use_ray
+
+    use_ray(settings)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or f"{settings.stack.host}:{settings.ray.gcs_port}")
 

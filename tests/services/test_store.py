@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, insert, make_url, select, text
 from stream_events import build_event
 
+from deploy.clients import database_url
 from schemas.events import RetrainRequest
 from schemas.settings import load_settings
 from services.ingest import SourceRecord, event_row
@@ -36,7 +37,7 @@ def store_engine(request, sqlite_engine):
     if request.param == "sqlite":
         yield sqlite_engine
         return
-    url = make_url(load_settings().database.url).set(database=f"medretrain_store_{uuid.uuid4().hex[:10]}")
+    url = make_url(database_url(load_settings())).set(database=f"medretrain_store_{uuid.uuid4().hex[:10]}")
     engine = make_engine(load_settings([f"database.url={url.render_as_string(hide_password=False)}"]))
     create_schema(engine)
     yield engine
