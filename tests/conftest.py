@@ -36,6 +36,7 @@ TEST_ENV = {
     "MEDRETRAIN_RAY__DASHBOARD_AGENT_PORT": "22365",
     "MEDRETRAIN_RAY__MIN_WORKER_PORT": "45000",
     "MEDRETRAIN_RAY__MAX_WORKER_PORT": "49999",
+    "MEDRETRAIN_RAY__NODE_PORT_BASE": "60000",
     "MEDRETRAIN_STREAM__METRICS_PORT": "0",
     "HF_HUB_OFFLINE": "1",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -77,7 +78,6 @@ def stack() -> Settings:
     from deploy.services.postgres import drop_databases
 
     settings = load_settings()
-    use_ray(settings)  # every Ray client in this session (and its subprocesses) uses the stack's token
     if not s3.server_dir(settings).exists():
         # A new stack home means empty S3: registry rows or snapshots left in the test databases by an
         # earlier stack would point at objects that no longer exist (a fresh CI clone on a used machine).
@@ -87,6 +87,7 @@ def stack() -> Settings:
     lease = users / str(os.getpid())
     lease.touch()
     started = embedded.up(settings)
+    use_ray(settings)  # every Ray client in this session (and its subprocesses) uses the stack's token
     yield settings
     _disconnect_ray()
     lease.unlink(missing_ok=True)

@@ -232,7 +232,8 @@ def build_torch_trainer(settings: Settings, name: str, train_loop_config: dict[s
         train_func,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg),
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from deploy.clients import ray_env, ray_token_file
 from deploy.process import Launch
+from deploy.ray_env import settings_env
 from deploy.services import Service, http_ok, venv_bin
 from deploy.services.s3 import write_private
 from schemas.settings import Settings
@@ -59,6 +60,9 @@ def launch(settings: Settings) -> Launch:
     # Job entrypoints say `python ...`: put this venv first on the PATH the raylet hands to jobs.
     venv = Path(sys.executable).parent
     env = {
+        # Jobs inherit the raylet's environment: a bare `ray job submit` finds this stack (its home, hence its
+        # credentials file) without a setting in its spec. Secrets stay out (SECRET_SETTINGS).
+        **settings_env(settings),
         "RAY_USAGE_STATS_ENABLED": "0",
         # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",

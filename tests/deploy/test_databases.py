@@ -37,6 +37,10 @@ def scratch_database() -> Iterator[tuple[str, str]]:
     """(name, URL) of a PostgreSQL database name nobody uses; dropped afterwards if a test created it."""
     import psycopg
 
+    try:
+        psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", connect_timeout=3).close()
+    except psycopg.OperationalError:
+        pytest.skip("no PostgreSQL server on 127.0.0.1:5432 for the external-server path")
     name = f"medretrain_t_{uuid.uuid4().hex[:12]}"
     yield name, f"{EXTERNAL}/{name}"
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
