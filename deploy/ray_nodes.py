@@ -71,8 +71,9 @@ def node_id(settings: Settings, index: int) -> str | None:
     from ray.util.state import list_nodes
 
     use_ray(settings)
-    for node in list_nodes(address=settings.ray.address, filters=[("state", "=", "ALIVE")]):
-        if resource_label(index) in (node.resources_total or {}):
+    # Filtered here: with a state filter, the state API reports the dead nodes it left out as truncated data.
+    for node in list_nodes(address=settings.ray.address, limit=1000):
+        if node.state == "ALIVE" and resource_label(index) in (node.resources_total or {}):
             return node.node_id
     return None
 
@@ -89,7 +90,11 @@ def add_node(settings: Settings, timeout_s: float | None = None) -> tuple[str, s
         found[:] = [n for n in [node_id(settings, index)] if n]
         return bool(found)
 
-    process.wait_healthy(settings.stack.home, name, pid, joined, timeout_s or settings.stack.start_timeout_s)
+    try:
+        process.wait_healthy(settings.stack.home, name, pid, joined, timeout_s or settings.stack.start_timeout_s)
+    except BaseException:
+        process.stop(settings.stack.home, name)  # never a half-joined node left behind
+        raise
     return name, found[0]
 
 

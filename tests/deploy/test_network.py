@@ -15,7 +15,7 @@ import urllib.request
 import psutil
 import pytest
 
-from deploy import process
+from deploy import process, ray_nodes
 from deploy import stack as embedded
 from deploy.clients import ray_token_file
 from schemas.settings import Settings
@@ -59,10 +59,19 @@ def _refuses_without_token(ip: str, port: int) -> bool:
     return False
 
 
-def test_every_stack_listener_is_loopback_or_refuses_without_the_token(stack: Settings) -> None:
+@pytest.fixture
+def added_node(stack: Settings):
+    """A Ray node started by ``stack add-node`` for the length of a test."""
+    name, _ = ray_nodes.add_node(stack)
+    yield name
+    process.stop(stack.stack.home, name)
+
+
+def test_every_stack_listener_is_loopback_or_refuses_without_the_token(stack: Settings, added_node: str) -> None:
     found = listeners(stack)
     names = {name for name, _, _ in found}
-    assert {s.name for s in embedded.status(stack)} <= names, f"every service listens somewhere: {found}"
+    expected = {s.name for s in embedded.status(stack)} | {added_node}
+    assert expected <= names, f"every service and the added node listen somewhere: {found}"
     exposed = [(name, ip, port) for name, ip, port in found if not _loopback(ip)]
     open_ones = [entry for entry in exposed if not _refuses_without_token(entry[1], entry[2])]
     assert not open_ones, f"non-loopback listeners that serve without Ray's token: {open_ones}"
