@@ -9,14 +9,11 @@ tests lose a node.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 
 from deploy import process
-from deploy.clients import ray_env, use_ray
-from deploy.ray_env import settings_env
-from deploy.services.ray import temp_dir
+from deploy.clients import use_ray
+from deploy.services.ray import node_env, temp_dir
 from schemas.settings import Settings
 
 PREFIX = "ray-node-"
@@ -54,15 +51,8 @@ def launch(settings: Settings, index: int) -> process.Launch:
         f"--min-worker-port={base + 100}", f"--max-worker-port={base + 999}",
         f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
     ]  # fmt: skip
-    venv = Path(sys.executable).parent
-    env = {
-        **settings_env(settings),
-        **ray_env(settings),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",  # a worker node at all (see RAY_START_ON_LOOPBACK)
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
-        "VIRTUAL_ENV": str(venv.parent),
-    }
+    # A worker node at all (see RAY_START_ON_LOOPBACK).
+    env = {**node_env(settings), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     return process.Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
 
 

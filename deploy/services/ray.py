@@ -57,21 +57,25 @@ def launch(settings: Settings) -> Launch:
         f"--num-cpus={num_cpus(settings)}", f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
         f"--temp-dir={temp_dir(settings)}",
     ]  # fmt: skip
-    # Job entrypoints say `python ...`: put this venv first on the PATH the raylet hands to jobs.
+    # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
+    env = {**node_env(settings), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    return Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
+
+
+def node_env(settings: Settings) -> dict[str, str]:
+    """The environment of a Ray node of this stack (the head, or one ``stack add-node`` starts)."""
     venv = Path(sys.executable).parent
-    env = {
+    return {
         # Jobs inherit the raylet's environment: a bare `ray job submit` finds this stack (its home, hence its
         # credentials file) without a setting in its spec. Secrets stay out (SECRET_SETTINGS).
         **settings_env(settings),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        # Token auth with the stack's token, loopback addresses; job drivers inherit both from the raylet.
+        # Token auth with the stack's token, loopback addresses; job drivers inherit both too.
         **ray_env(settings),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Job entrypoints say `python ...`: this venv first on the PATH the raylet hands to jobs.
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
         "VIRTUAL_ENV": str(venv.parent),
     }
-    return Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
 
 
 def url(settings: Settings) -> str:
