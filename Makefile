@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test test-fast stack-down clean
+.PHONY: install browser demo test test-fast stack-down clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/medretrain demo
 
-test: install
+# The console's browser tests drive Debian's Chromium (never a downloaded browser build); CI runs as root.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install browser
 	$(PY) -m pytest -q -ra --timeout=900
 
 test-fast: install

@@ -25,8 +25,8 @@ def up_command(ctx: typer.Context) -> None:
     from rich.console import Console
 
     from deploy import stack
+    from deploy.cli_context import settings_of
     from deploy.process import ServiceError
-    from services.cli import settings_of
 
     settings = settings_of(ctx)
     console = Console()
@@ -59,8 +59,8 @@ def down_command(
     from rich.console import Console
 
     from deploy import stack
-    from deploy.services.postgres import drop_databases
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
+    from deploy.embedded.postgres import drop_databases
 
     settings, console = settings_of(ctx), Console()
     for name in stack.APP_SERVICES:
@@ -80,7 +80,7 @@ def add_node_command(ctx: typer.Context) -> None:
 
     from deploy import ray_nodes
     from deploy.process import ServiceError
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     console = Console()
     try:
@@ -97,7 +97,7 @@ def status_command(ctx: typer.Context) -> None:
     from rich.console import Console
 
     from deploy import stack
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     statuses = stack.status(settings_of(ctx))
     _print_status(Console(), statuses)
@@ -111,8 +111,8 @@ def check_command(ctx: typer.Context) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from deploy.cli_context import settings_of
     from deploy.probe import check
-    from services.cli import settings_of
 
     logging.getLogger("kafka").setLevel(logging.WARNING)
     results = check(settings_of(ctx))
@@ -129,8 +129,8 @@ def topics_command(ctx: typer.Context) -> None:
     """Create medretrain's Kafka topics with the configured partitions (idempotent)."""
     from rich.console import Console
 
+    from deploy.cli_context import settings_of
     from deploy.clients import ensure_topics, topic_names
-    from services.cli import settings_of
 
     settings = settings_of(ctx)
     logging.getLogger("kafka").setLevel(logging.WARNING)

@@ -107,7 +107,7 @@ def use_mlflow(settings: Settings) -> None:
 
 
 def ray_token_file(settings: Settings) -> Path:
-    """The Ray cluster's auth token: ``ray.auth_token_file``, else the embedded head's (0600, written by ``stack up``)."""
+    """The Ray cluster's token: ``ray.auth_token_file``, else the embedded head's (0600, written by ``stack up``)."""
     return settings.ray.auth_token_file or settings.stack.home / "ray_token"
 
 
@@ -140,7 +140,9 @@ def use_ray(settings: Settings) -> None:
     if (raylet := sys.modules.get("ray._raylet")) is not None:
         raylet.Config.initialize("")
         raylet.AuthenticationTokenLoader.instance().reset_cache()
-    if (constants := sys.modules.get("ray._private.ray_constants")) is not None and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
+    if (
+        constants := sys.modules.get("ray._private.ray_constants")
+    ) is not None and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
         constants.ENABLE_RAY_CLUSTER = False  # read once at import
 
 

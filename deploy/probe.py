@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deploy.clients import database_url
-from deploy.services import kafka, mlflow, ray
+from deploy.embedded import kafka, mlflow, ray
 from schemas.settings import Settings
 
 

@@ -141,7 +141,7 @@ def _failure(home: Path, name: str, what: str) -> str:
 
 
 def stop(home: Path, name: str, timeout_s: float = 15.0, first_signal: int = signal.SIGTERM) -> bool:
-    """``first_signal`` to the service's whole process tree, SIGKILL what is left after ``timeout_s``; True if it ran."""
+    """``first_signal`` to the service's process tree, SIGKILL what is left after ``timeout_s``; True if it ran."""
     pid = running_pid(home, name)
     if pid is None:
         return False
@@ -159,7 +159,9 @@ def stop(home: Path, name: str, timeout_s: float = 15.0, first_signal: int = sig
         if not alive:
             break
         if sig == first_signal:
-            log.warning("%s: %s ignored %s for %.0f s, killing", name, _names(alive), signal.Signals(sig).name, timeout_s)
+            log.warning(
+                "%s: %s ignored %s for %.0f s, killing", name, _names(alive), signal.Signals(sig).name, timeout_s
+            )
     pid_path(home, name).unlink(missing_ok=True)
     return True
 

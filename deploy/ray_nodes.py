@@ -13,7 +13,7 @@ import sys
 
 from deploy import process
 from deploy.clients import use_ray
-from deploy.services.ray import node_env, temp_dir
+from deploy.embedded.ray import node_env, temp_dir
 from schemas.settings import Settings
 
 PREFIX = "ray-node-"
@@ -91,4 +91,3 @@ def add_node(settings: Settings, timeout_s: float | None = None) -> tuple[str, s
 def stop_all(settings: Settings) -> list[str]:
     """Stop every added node; returns the names that ran."""
     return [name for name in running(settings) if process.stop(settings.stack.home, name)]
-

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from deploy import process, ray_nodes
 from deploy.clients import use_ray
+from deploy.embedded import Service, kafka, mlflow, postgres, ray, s3
+from deploy.embedded.postgres import existing_databases
 from deploy.process import ServiceError
-from deploy.services import Service, kafka, mlflow, postgres, ray, s3
-from deploy.services.postgres import existing_databases
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def down(settings: Settings, progress: Progress = log.info, only: Iterable[str] 
             stopped += ray_nodes.stop_all(settings)
         # Every service, enabled or not: a settings change must not strand a running one.
         for service in reversed(SERVICES):
-            if service.name in names and process.stop(settings.stack.home, service.name, first_signal=service.stop_signal):
+            home, first = settings.stack.home, service.stop_signal
+            if service.name in names and process.stop(home, service.name, first_signal=first):
                 stopped.append(service.name)
                 progress(f"{service.name}: stopped")
     return stopped

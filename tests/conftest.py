@@ -74,8 +74,8 @@ def stack() -> Settings:
     """
     from deploy import stack as embedded
     from deploy.clients import use_ray
-    from deploy.services import s3
-    from deploy.services.postgres import drop_databases
+    from deploy.embedded import s3
+    from deploy.embedded.postgres import drop_databases
 
     settings = load_settings()
     if not s3.server_dir(settings).exists():

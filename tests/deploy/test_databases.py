@@ -10,7 +10,7 @@ import pytest
 
 from deploy import stack as embedded
 from deploy.clients import database_url, mlflow_backend_uri
-from deploy.services.postgres import ensure_database
+from deploy.embedded.postgres import ensure_database
 from schemas.settings import load_settings, with_overrides
 
 EXTERNAL = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -73,8 +73,15 @@ def test_the_store_works_on_an_external_server(scratch_database) -> None:
         create_schema(engine)
         request = RetrainRequest(request_id="rr-external", reason="manual", watermark=0)
         with engine.begin() as conn:
-            conn.execute(insert(RetrainRequestRow).values(request_id=request.request_id, reason="manual", watermark=0,
-                                                          request_json=request.model_dump(mode="json"), state="requested"))
+            conn.execute(
+                insert(RetrainRequestRow).values(
+                    request_id=request.request_id,
+                    reason="manual",
+                    watermark=0,
+                    request_json=request.model_dump(mode="json"),
+                    state="requested",
+                )
+            )
             assert conn.execute(select(RetrainRequestRow.state)).scalar_one() == "requested"
         assert load_request(settings, "rr-external") == request
     finally:
@@ -88,9 +95,14 @@ def test_a_new_stack_home_refuses_an_earlier_stacks_databases(scratch_database, 
 
     name, url = scratch_database
     home = tmp_path / "home"
-    settings = with_overrides(load_settings(), {"stack": {"home": str(home)}, "database": {"url": url}, "mlflow": {"backend_store_uri": None}})
+    settings = with_overrides(
+        load_settings(), {"stack": {"home": str(home)}, "database": {"url": url}, "mlflow": {"backend_store_uri": None}}
+    )
     ensure_database(url)  # left by a stack whose home was deleted
-    with pytest.raises(ServiceError, match=rf"PostgreSQL already has the databases \['{name}'\], but the stack home .* stack down --purge"):
+    with pytest.raises(
+        ServiceError,
+        match=rf"PostgreSQL already has the databases \['{name}'\], but the stack home .* stack down --purge",
+    ):
         embedded.up(settings)
     assert not home.exists()  # refused before any service started
 

@@ -44,7 +44,9 @@ def listeners(settings: Settings) -> list[tuple[str, str, int]]:
 
 def _loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
-    return address.is_loopback or (address.version == 6 and bool(address.ipv4_mapped) and address.ipv4_mapped.is_loopback)
+    return address.is_loopback or (
+        address.version == 6 and bool(address.ipv4_mapped) and address.ipv4_mapped.is_loopback
+    )
 
 
 def _refuses_without_token(ip: str, port: int) -> bool:

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from deploy import process, stack as embedded
+from deploy import process
+from deploy import stack as embedded
 from deploy.clients import boto3_s3, credentials_file, ensure_topics, topic_names
 from schemas.settings import Settings, with_overrides
 
@@ -212,7 +213,9 @@ def test_foreign_service_on_our_port_is_a_clear_error(stack: Settings, tmp_path)
     # Another stack home with the same ports: the embedded PostgreSQL's port is served, but not by a process of
     # that stack.
     other = with_overrides(stack, {"stack": {"home": str(tmp_path / "other")}})
-    with pytest.raises(ServiceError, match=r"service 'postgres': .* already served by a process this stack did not start"):
+    with pytest.raises(
+        ServiceError, match=r"service 'postgres': .* already served by a process this stack did not start"
+    ):
         embedded.up(other)
 
 

@@ -1,6 +1,7 @@
 """The seed's own command, verbatim, against the embedded stack: the venv's ``ray job submit --address <ray.address>
 --runtime-env deploy/ray_runtime.json -- python -m trainer.retrain --request '<json>'`` trains a candidate that the
-gate then registers, as the orchestrator does after a job; afterwards no secret is in the Jobs API or Ray's logs.
+gate job (``python -m evaluator.gate_job``, submitted as the orchestrator does) registers; afterwards no secret is in
+the Jobs API or Ray's logs.
 
     .venv/bin/pytest tests/trainer/test_seed_job.py -q       # about two minutes on 2 cores
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.request
 import uuid
 
@@ -17,9 +19,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from deploy.clients import credentials_file, database_url, ray_token_file
+from deploy.embedded import venv_bin
+from deploy.embedded.ray import auth_header, temp_dir
 from deploy.registry import CHAMPION, alias_version, open_registry
-from deploy.services import venv_bin
-from deploy.services.ray import auth_header, temp_dir
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, with_overrides
 from trainer import tracking
@@ -38,12 +40,31 @@ LENIENT_RULES = {"schema_version": 1, "rules": [
 CHEAP_EVAL = {"sample_size": 2, "loss_rows": 4, "max_new_tokens": 4, "batch_size": 4, "promotion": "auto"}
 
 
-def gate(settings: Settings, run_id: str):
-    """(verdict, registered version): what the orchestrator does once a training job succeeded."""
-    from evaluator import evaluate, promotion
+def finished(client, job: str, timeout_s: float = 600) -> str:
+    """The job's logs once it SUCCEEDED; fails with them otherwise."""
+    from ray.job_submission import JobStatus
 
-    verdict = evaluate.run(settings, evaluate.candidate_from_run(settings, run_id))
-    return verdict, promotion.registered_version(settings, run_id)
+    deadline = time.monotonic() + timeout_s
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.monotonic() < deadline, f"job {job} still {status} after {timeout_s:.0f} s"
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
+
+
+def gate(settings: Settings, run_id: str):
+    """(verdict, registered version): the gate job the orchestrator submits once a training job succeeded."""
+    from ray.job_submission import JobSubmissionClient
+
+    from deploy.ray_env import runtime_env
+    from evaluator import promotion
+    from evaluator.decision import read_decision
+
+    client = JobSubmissionClient(settings.ray.address)
+    entrypoint = f"python -m evaluator.gate_job --run {run_id}"
+    finished(client, client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(settings), entrypoint_num_cpus=1))
+    return read_decision(settings, run_id)[0], promotion.registered_version(settings, run_id)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +75,12 @@ def seed_job(stack, tiny_model_dir, tmp_path_factory):
     overrides = {"mlflow": {"registered_model": f"t-seed-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN}
     settings = with_overrides(stack, {**overrides, "evaluate": {**CHEAP_EVAL, "gate_rules": str(rules)}})
     bootstrap(settings, from_path=tiny_model_dir)
-    request = RetrainRequest(request_id=f"rr-seed-{uuid.uuid4().hex[:10]}", reason="manual", watermark=0, overrides=overrides)
-    command = [venv_bin("ray"), "job", "submit", "--address", stack.ray.address, "--runtime-env",
-               "deploy/ray_runtime.json", "--", "python", "-m", "trainer.retrain", "--request", request.model_dump_json()]  # fmt: skip
+    request = RetrainRequest(
+        request_id=f"rr-seed-{uuid.uuid4().hex[:10]}", reason="manual", watermark=0, overrides=overrides
+    )
+    command = [venv_bin("ray"), "job", "submit", "--address", stack.ray.address,
+               "--runtime-env", "deploy/ray_runtime.json",
+               "--", "python", "-m", "trainer.retrain", "--request", request.model_dump_json()]  # fmt: skip
     # No MEDRETRAIN_* setting travels with the command: the job finds the stack through the cluster alone.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDRETRAIN_")}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -92,23 +116,19 @@ def _leaks(text: bytes, secrets: dict[str, str]) -> list[str]:
 def _worker_reaches_s3(settings: Settings) -> str:
     """An orchestrator-style job (``runtime_env(settings)``) whose settings name the S3 keys explicitly: the
     keys stay out of its spec, and the worker still reaches S3 (the stack's credentials file)."""
-    import time
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     from deploy.ray_env import runtime_env
 
     creds = json.loads(credentials_file(settings).read_text())
-    explicit = with_overrides(settings, {"s3": {"access_key": creds["s3_access_key"], "secret_key": creds["s3_secret_key"]}})
+    explicit = with_overrides(
+        settings, {"s3": {"access_key": creds["s3_access_key"], "secret_key": creds["s3_secret_key"]}}
+    )
     script = ("from deploy.clients import boto3_s3; from schemas.settings import load_settings; "
               "print('buckets', len(boto3_s3(load_settings()).list_buckets()['Buckets']))")  # fmt: skip
     client = JobSubmissionClient(settings.ray.address)
     job = client.submit_job(entrypoint=f'python -c "{script}"', runtime_env=runtime_env(explicit))
-    deadline = time.monotonic() + 300
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, f"job {job} did not finish"
-        time.sleep(1)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED and "buckets" in client.get_job_logs(job), client.get_job_logs(job)
+    assert "buckets" in finished(client, job, timeout_s=300)
     return job
 
 
@@ -122,8 +142,10 @@ def test_no_secret_in_the_jobs_api_or_rays_logs(seed_job) -> None:
     ours = [job for job in jobs if request.request_id in (job.entrypoint or "")]
     assert ours and ours[0].runtime_env, "the seed job's record, with its runtime_env"
     records = json.dumps([job.dict() for job in jobs], default=str).encode()
-    with urllib.request.urlopen(urllib.request.Request(settings.ray.address.rstrip("/") + "/api/jobs/",
-                                                       headers=auth_header(settings)), timeout=10) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(settings.ray.address.rstrip("/") + "/api/jobs/", headers=auth_header(settings)),
+        timeout=10,
+    ) as response:
         records += response.read()  # what the dashboard shows
     assert not _leaks(records, secrets), f"secrets in job records: {_leaks(records, secrets)}"
     logs = [path for path in (temp_dir(settings) / "session_latest" / "logs").glob("**/*") if path.is_file()]
