@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from deploy.clients import credentials_file, database_url, ray_token_file
 from deploy.embedded import venv_bin
 from deploy.embedded.ray import auth_header, temp_dir
-from deploy.registry import CHAMPION, alias_version, open_registry
+from deploy.registry import CHAMPION, REQUEST_TAG, alias_version, open_registry
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, with_overrides
 from trainer import tracking
@@ -91,7 +91,7 @@ def seed_job(stack, tiny_model_dir, tmp_path_factory):
 def test_the_seed_command_trains_a_version_the_gate_registers(seed_job) -> None:
     settings, request, output = seed_job
     assert "trained adapter" in output and "succeeded" in output.lower()
-    run_id = tracking.find_run(settings, tracking.REQUEST_TAG, request.request_id, kind="retrain")
+    run_id = tracking.find_run(settings, REQUEST_TAG, request.request_id, kind="retrain")
     assert run_id is not None, "the job's MLflow run carries the request id"
     verdict, version = gate(settings, run_id)
     client, name = open_registry(settings)
