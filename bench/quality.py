@@ -35,6 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deploy.clients import use_ray  # noqa: E402
 from schemas.settings import Settings, load_settings, with_overrides  # noqa: E402
 
 log = logging.getLogger("bench.quality")
@@ -289,6 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = with_overrides(load_settings(), PROFILES[args.profile])
+    use_ray(settings)
     results = Results(args.out)
     run(settings, args.profile, args.base_model, args.timeout, results, args.until, args.skip)
     results.data.update(device=device(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -2,6 +2,7 @@
 
     medretrain stack up
     medretrain stack status
+    medretrain stack add-node          # one more Ray node on this machine, joined to the head
     medretrain --set stack.home=/tmp/other stack down
 """
 
@@ -70,6 +71,24 @@ def down_command(
     if purge:
         shutil.rmtree(settings.stack.home, ignore_errors=True)
         console.print(f"[green]✓[/] removed {settings.stack.home}; dropped databases {drop_databases(settings)}")
+
+
+@stack_app.command("add-node")
+def add_node_command(ctx: typer.Context) -> None:
+    """Start one more Ray node on this machine, joined to the head (custom resource medretrain_node_N)."""
+    from rich.console import Console
+
+    from deploy import ray_nodes
+    from deploy.cli_context import settings_of
+    from deploy.process import ServiceError
+
+    console = Console()
+    try:
+        name, node_id = ray_nodes.add_node(settings_of(ctx))
+    except ServiceError as e:
+        console.print(f"[red]✗ {e}[/]")
+        raise typer.Exit(1) from e
+    console.print(f"[green]✓[/] {name} joined the Ray head as node {node_id}; `medretrain stack down` stops it")
 
 
 @stack_app.command("status")

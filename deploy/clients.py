@@ -6,11 +6,14 @@ embedded stack, docker-compose and a real deployment differ only in settings.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from schemas.settings import Settings
 
@@ -39,6 +42,29 @@ def s3_credentials(settings: Settings) -> S3Credentials:
             f" (expected {path})"
         ) from e
     return S3Credentials(data["s3_access_key"], data["s3_secret_key"])
+
+
+EMBEDDED_STORE_DB = "medretrain"
+EMBEDDED_MLFLOW_DB = "mlflow"
+
+
+def embedded_postgres_url(settings: Settings, database: str) -> str:
+    """A database on the embedded stack's PostgreSQL server (trust auth, 127.0.0.1 only)."""
+    return f"postgresql+psycopg://postgres@{settings.stack.host}:{settings.stack.postgres_port}/{database}"
+
+
+def database_url(settings: Settings) -> str:
+    """The medretrain store's URL: ``database.url``, else the embedded server's database."""
+    return settings.database.url or embedded_postgres_url(settings, EMBEDDED_STORE_DB)
+
+
+def mlflow_backend_uri(settings: Settings) -> str:
+    """MLflow's metadata store: ``mlflow.backend_store_uri``, else the embedded server's database."""
+    return settings.mlflow.backend_store_uri or embedded_postgres_url(settings, EMBEDDED_MLFLOW_DB)
+
+
+def uses_embedded_postgres(settings: Settings) -> bool:
+    return settings.database.url is None or settings.mlflow.backend_store_uri is None
 
 
 def boto3_s3(settings: Settings):
@@ -78,6 +104,46 @@ def use_mlflow(settings: Settings) -> None:
 
     os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+
+
+def ray_token_file(settings: Settings) -> Path:
+    """The Ray cluster's token: ``ray.auth_token_file``, else the embedded head's (0600, written by ``stack up``)."""
+    return settings.ray.auth_token_file or settings.stack.home / "ray_token"
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def ray_env(settings: Settings) -> dict[str, str]:
+    """What a Ray process of this stack needs in its environment: token auth with the cluster's token (where
+    there is one: a cluster without a token file keeps Ray's own mode), and, for a head on loopback, loopback
+    addresses (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""
+    env = {}
+    if ray_token_file(settings).exists():
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_file(settings))}
+    if _is_loopback(urlsplit(settings.ray.address).hostname):
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def use_ray(settings: Settings) -> None:
+    """Make this process a client of the stack's Ray cluster: ``ray.init``, JobSubmissionClient, Serve, the state API.
+
+    Call it before the first Ray call; it also works after ``import ray``, whose config and token cache it reloads.
+    """
+    env = ray_env(settings)
+    os.environ.update(env)
+    if (raylet := sys.modules.get("ray._raylet")) is not None:
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
+    if (
+        constants := sys.modules.get("ray._private.ray_constants")
+    ) is not None and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
+        constants.ENABLE_RAY_CLUSTER = False  # read once at import
 
 
 def topic_names(settings: Settings) -> tuple[str, ...]:

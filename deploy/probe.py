@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deploy.clients import database_url
 from deploy.embedded import kafka, mlflow, ray
 from schemas.settings import Settings
 
@@ -30,7 +31,7 @@ def _s3(settings: Settings) -> bool:
 def _database(settings: Settings) -> bool:
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(settings.database.url)
+    engine = sqlalchemy.create_engine(database_url(settings))
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
@@ -42,7 +43,7 @@ def _database(settings: Settings) -> bool:
 def _redacted_db_url(settings: Settings) -> str:
     from sqlalchemy.engine import make_url
 
-    return make_url(settings.database.url).render_as_string(hide_password=True)
+    return make_url(database_url(settings)).render_as_string(hide_password=True)
 
 
 def probes(settings: Settings) -> list[tuple[str, str, Callable[[Settings], bool]]]:

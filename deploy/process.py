@@ -40,6 +40,8 @@ class Launch:
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)
     """Added to a copy of the caller's environment without its MEDRETRAIN_* variables."""
+    user: str | None = None
+    """Run as this system user (a server that refuses root); None: as the caller."""
 
 
 def log_path(home: Path, name: str) -> Path:
@@ -84,8 +86,8 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _service_env(extra: dict[str, str]) -> dict[str, str]:
-    # Services read their config from argv/env built here; inherited MEDRETRAIN_* variables would leak the
-    # caller's settings into Ray jobs (they inherit the raylet's environment) and shadow the job's own.
+    # Services read their config from argv/env built here, never from the caller's MEDRETRAIN_* variables:
+    # Ray jobs inherit the raylet's environment, and the head gets the stack's settings explicitly instead.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDRETRAIN_")}
     env.update(extra)
     return env
@@ -109,6 +111,7 @@ def spawn(home: Path, name: str, launch: Launch) -> int:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                user=launch.user,
             )
         except OSError as e:
             raise ServiceError(f"{name}: cannot run {launch.argv[0]}: {e}") from e
@@ -137,15 +140,15 @@ def _failure(home: Path, name: str, what: str) -> str:
     return f"service {name!r} {what}; log {logs}:\n{tail(logs)}"
 
 
-def stop(home: Path, name: str, timeout_s: float = 15.0) -> bool:
-    """SIGTERM the service's whole process tree, SIGKILL what is left after ``timeout_s``; True if it ran."""
+def stop(home: Path, name: str, timeout_s: float = 15.0, first_signal: int = signal.SIGTERM) -> bool:
+    """``first_signal`` to the service's process tree, SIGKILL what is left after ``timeout_s``; True if it ran."""
     pid = running_pid(home, name)
     if pid is None:
         return False
     root = psutil.Process(pid)
     # Collect descendants first: some (Ray workers) start their own sessions and would escape a group kill.
     tree = [root, *root.children(recursive=True)]
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+    for sig, wait_s in ((first_signal, timeout_s), (signal.SIGKILL, 5.0)):
         _signal_group(pid, sig)
         for proc in tree:
             try:
@@ -155,8 +158,10 @@ def stop(home: Path, name: str, timeout_s: float = 15.0) -> bool:
         alive = _wait_gone(tree, wait_s)
         if not alive:
             break
-        if sig == signal.SIGTERM:
-            log.warning("%s: %s ignored SIGTERM for %.0f s, killing", name, _names(alive), timeout_s)
+        if sig == first_signal:
+            log.warning(
+                "%s: %s ignored %s for %.0f s, killing", name, _names(alive), signal.Signals(sig).name, timeout_s
+            )
     pid_path(home, name).unlink(missing_ok=True)
     return True
 

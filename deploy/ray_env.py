@@ -1,11 +1,15 @@
 """The Ray runtime environment of a retrain job: ``deploy/ray_runtime.json`` plus the current Settings.
 
-The CLI path reads the file alone (then the job sees default settings):
+The CLI path reads the file alone; the job then runs with the settings the cluster gives its processes
+(the embedded head hands them the stack's, ``stack up``'s; a KubeRay cluster, its pods' environment):
 
-    ray job submit --address http://127.0.0.1:18265 --runtime-env deploy/ray_runtime.json -- python -m trainer.retrain
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=.medretrain/ray_token     # the stack's Ray token
+    ray job submit --address http://127.0.0.1:18265 --runtime-env deploy/ray_runtime.json -- \
+        python -m trainer.retrain --request '{"request_id": "rr-manual-1", "reason": "manual", "watermark": 0}'
 
-The orchestrator submits with :func:`runtime_env`, which adds ``MEDRETRAIN_*`` variables
-that rebuild the submitter's exact Settings inside the job (``load_settings()`` there).
+The orchestrator submits with :func:`runtime_env`, which adds ``MEDRETRAIN_*`` variables that rebuild the
+submitter's Settings inside the job (``load_settings()`` there), except ``SECRET_SETTINGS``: a job spec is
+readable through the Jobs API and the dashboard, so credentials stay where the cluster keeps them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from schemas.settings import Settings
+from schemas.settings import SECRET_SETTINGS, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "MEDRETRAIN_"
@@ -31,20 +35,23 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """One ``MEDRETRAIN_SECTION__FIELD`` variable per leaf setting (nested sections joined with ``__``)."""
+def settings_env(settings: Settings, secrets: bool = False) -> dict[str, str]:
+    """One ``MEDRETRAIN_SECTION__FIELD`` variable per leaf setting (nested sections joined with ``__``).
+
+    ``SECRET_SETTINGS`` only with ``secrets=True``: for processes of this machine, never for a Ray job.
+    """
     env: dict[str, str] = {}
 
-    def walk(prefix: str, node: dict[str, Any], fields: dict[str, Any]) -> None:
+    def walk(path: str, node: dict[str, Any], fields: dict[str, Any]) -> None:
         for key, value in node.items():
-            name = f"{prefix}{key.upper()}"
+            dotted = f"{path}{key}"
             annotation = fields[key].annotation
             if isinstance(value, dict) and hasattr(annotation, "model_fields"):
-                walk(f"{name}__", value, annotation.model_fields)
-            else:
-                env[name] = _env_value(value)
+                walk(f"{dotted}.", value, annotation.model_fields)
+            elif secrets or dotted not in SECRET_SETTINGS:
+                env[ENV_PREFIX + dotted.upper().replace(".", "__")] = _env_value(value)
 
-    walk(ENV_PREFIX, settings.model_dump(mode="json"), type(settings).model_fields)
+    walk("", settings.model_dump(mode="json"), type(settings).model_fields)
     return env
 
 
@@ -64,7 +71,8 @@ def load_runtime_file(settings: Settings) -> dict[str, Any]:
 
 
 def runtime_env(settings: Settings) -> dict[str, Any]:
-    """``runtime_env`` for ``JobSubmissionClient.submit_job``: the file, an absolute working_dir, Settings as env."""
+    """``runtime_env`` for ``JobSubmissionClient.submit_job``: the file, an absolute working_dir, Settings as env
+    (secrets left out)."""
     env = load_runtime_file(settings)
     working_dir = Path(env.get("working_dir", "."))
     # The submitter's cwd may be anywhere; "." in the file means the repository root.

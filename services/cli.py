@@ -50,8 +50,10 @@ def _root(
         ctx.obj = load_settings(overrides)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    from deploy.clients import use_ray
     from evaluator.online import ONLINE_SOURCE_KEY
 
+    use_ray(ctx.obj)  # any command may reach Ray (status, train, serve): with the stack's token
     ctx.meta[ONLINE_SOURCE_KEY] = _online_evidence  # the registry commands judge live feedback without a service import
 
 

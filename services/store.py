@@ -1,6 +1,6 @@
 """Durable store of accepted events, snapshots and retrain requests (SQLAlchemy 2).
 
-PostgreSQL by default (``database.url``); ``sqlite:///path.db`` works for the smallest setup.
+PostgreSQL (``database.url``, else the embedded stack's server); ``sqlite:///path.db`` works for the smallest setup.
 
     engine = make_engine(settings)
     create_schema(engine)
@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from deploy.clients import database_url
 from schemas.events import RetrainRequest, utcnow
 from schemas.settings import Settings
 
@@ -155,10 +156,10 @@ def _ensure_postgres_database(url: str) -> None:
 
 
 def make_engine(settings: Settings) -> Engine:
-    """An engine on ``settings.database.url``; creates the PostgreSQL database or SQLite folder if missing."""
-    url = make_url(settings.database.url)
+    """An engine on the store's database (``deploy.clients.database_url``); creates it (or its SQLite folder)."""
+    url = make_url(database_url(settings))
     if url.get_backend_name() == "postgresql":
-        _ensure_postgres_database(settings.database.url)
+        _ensure_postgres_database(url.render_as_string(hide_password=False))
         return create_engine(url, pool_pre_ping=True)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -290,5 +291,5 @@ def load_request(settings: Settings, request_id: str) -> RetrainRequest:
     finally:
         engine.dispose()
     if payload is None:
-        raise KeyError(f"no retrain request {request_id!r} in {make_url(settings.database.url).render_as_string()}")
+        raise KeyError(f"no retrain request {request_id!r} in {make_url(database_url(settings)).render_as_string()}")
     return RetrainRequest.model_validate(payload)

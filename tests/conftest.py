@@ -28,8 +28,7 @@ TEST_ENV = {
     "MEDRETRAIN_KAFKA__BOOTSTRAP": "127.0.0.1:29092",
     "MEDRETRAIN_MLFLOW__PORT": "25000",
     "MEDRETRAIN_MLFLOW__TRACKING_URI": "http://127.0.0.1:25000",
-    "MEDRETRAIN_MLFLOW__BACKEND_STORE_URI": "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow_test",
-    "MEDRETRAIN_DATABASE__URL": "postgresql+psycopg://postgres@127.0.0.1:5432/medretrain_test",
+    "MEDRETRAIN_STACK__POSTGRES_PORT": "25432",
     "MEDRETRAIN_RAY__GCS_PORT": "26379",
     "MEDRETRAIN_RAY__DASHBOARD_PORT": "28265",
     "MEDRETRAIN_RAY__ADDRESS": "http://127.0.0.1:28265",
@@ -37,6 +36,7 @@ TEST_ENV = {
     "MEDRETRAIN_RAY__DASHBOARD_AGENT_PORT": "22365",
     "MEDRETRAIN_RAY__MIN_WORKER_PORT": "45000",
     "MEDRETRAIN_RAY__MAX_WORKER_PORT": "49999",
+    "MEDRETRAIN_RAY__NODE_PORT_BASE": "60000",
     "MEDRETRAIN_STREAM__METRICS_PORT": "0",
     "MEDRETRAIN_SERVE__PORT": "28100",
     "HF_HUB_OFFLINE": "1",
@@ -74,6 +74,7 @@ def stack() -> Settings:
     and never with MEDRETRAIN_TEST_KEEP_STACK=1.
     """
     from deploy import stack as embedded
+    from deploy.clients import use_ray
     from deploy.embedded import s3
     from deploy.embedded.postgres import drop_databases
 
@@ -87,6 +88,7 @@ def stack() -> Settings:
     lease = users / str(os.getpid())
     lease.touch()
     started = embedded.up(settings)
+    use_ray(settings)  # every Ray client in this session (and its subprocesses) uses the stack's token
     yield settings
     _disconnect_ray()
     lease.unlink(missing_ok=True)

@@ -229,7 +229,8 @@ def build_torch_trainer(settings: Settings, name: str, train_loop_config: dict[s
         train_func,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg),
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -246,6 +247,9 @@ def connect_ray(settings: Settings) -> None:
     """Join the cluster: RAY_ADDRESS under ``ray job submit``, else the stack's Ray head."""
     import ray
 
+    from deploy.clients import use_ray
+
+    use_ray(settings)
     if not ray.is_initialized():
         ray.init(address=ray_address(settings))
 

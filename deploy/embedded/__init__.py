@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -17,6 +18,10 @@ from schemas.settings import Settings
 
 def _nothing(settings: Settings) -> None:
     return None
+
+
+def _always(settings: Settings) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class Service:
     """Multiplies ``stack.start_timeout_s`` for slow starters."""
     start_attempts: int = 1
     """Launches tried when the process exits before it is healthy (a start-up race, not a configuration error)."""
+    enabled: Callable[[Settings], bool] = _always
+    """False where the settings point at an external server instead (the embedded PostgreSQL)."""
+    stop_signal: int = signal.SIGTERM
+    """Sent first by ``stack down``; SIGKILL follows after a timeout."""
 
 
 def venv_bin(name: str) -> str:
@@ -56,10 +65,10 @@ def host_port(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     """True if GET ``url`` answers 2xx."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False

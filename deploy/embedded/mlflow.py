@@ -1,27 +1,22 @@
-"""MLflow tracking and registry server; metadata on PostgreSQL (SQLite fallback), artifacts on the stack's S3.
+"""MLflow tracking and registry server; metadata on PostgreSQL (embedded unless configured), artifacts on S3.
 
 The server proxies artifacts (``--artifacts-destination``), so only it holds S3 credentials.
 """
 
 from __future__ import annotations
 
-from deploy.clients import s3_credentials
+from deploy.clients import mlflow_backend_uri, s3_credentials
 from deploy.embedded import Service, http_ok, venv_bin
 from deploy.embedded.postgres import ensure_databases
 from deploy.process import Launch
 from schemas.settings import Settings
 
 
-def backend_store_uri(settings: Settings) -> str:
-    uri = settings.mlflow.backend_store_uri
-    return uri if uri else f"sqlite:///{settings.stack.home / 'mlflow' / 'mlflow.db'}"
-
-
 def launch(settings: Settings) -> Launch:
     ensure_databases(settings)
     creds = s3_credentials(settings)
     argv = [
-        venv_bin("mlflow"), "server", "--backend-store-uri", backend_store_uri(settings),
+        venv_bin("mlflow"), "server", "--backend-store-uri", mlflow_backend_uri(settings),
         "--artifacts-destination", f"s3://{settings.s3.artifacts_bucket}/mlflow",
         "--host", settings.stack.host, "--port", str(settings.mlflow.port), "--workers", "1",
     ]  # fmt: skip

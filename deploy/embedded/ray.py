@@ -1,18 +1,24 @@
-"""Ray head node, reached through its Jobs API (the dashboard port).
+"""Ray head node, reached through its Jobs API (the dashboard port), with token authentication.
 
 ``ray start --block`` keeps one parent process per head, so stopping the stack stops
 our head only, never another Ray on the machine (``ray stop`` would stop them all).
+The token is generated into ``<home>/ray_token`` (0600); clients pick it up through
+``deploy.clients.use_ray``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import sys
 from pathlib import Path
 
+from deploy.clients import ray_env, ray_token_file
 from deploy.embedded import Service, http_ok, venv_bin
+from deploy.embedded.s3 import write_private
 from deploy.process import Launch
+from deploy.ray_env import settings_env
 from schemas.settings import Settings
 
 
@@ -27,7 +33,20 @@ def num_cpus(settings: Settings) -> int:
     return settings.ray.num_cpus or max(4, os.cpu_count() or 1)
 
 
+def ensure_token(settings: Settings) -> str:
+    """The cluster's token, generated on first use (256 bits, like ``ray get-auth-token --generate``)."""
+    path = ray_token_file(settings)
+    if not path.exists():
+        write_private(path, secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def auth_header(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ensure_token(settings)}"}
+
+
 def launch(settings: Settings) -> Launch:
+    ensure_token(settings)
     host, r = settings.stack.host, settings.ray
     argv = [
         venv_bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -38,19 +57,25 @@ def launch(settings: Settings) -> Launch:
         f"--num-cpus={num_cpus(settings)}", f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
         f"--temp-dir={temp_dir(settings)}",
     ]  # fmt: skip
-    # Job entrypoints say `python ...`: put this venv first on the PATH the raylet hands to jobs.
+    # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
+    env = {**node_env(settings), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    return Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
+
+
+def node_env(settings: Settings) -> dict[str, str]:
+    """The environment of a Ray node of this stack (the head, or one ``stack add-node`` starts)."""
     venv = Path(sys.executable).parent
-    env = {
+    return {
+        # Jobs inherit the raylet's environment: a bare `ray job submit` finds this stack (its home, hence its
+        # credentials file) without a setting in its spec. Secrets stay out (SECRET_SETTINGS).
+        **settings_env(settings),
+        # Token auth with the stack's token, loopback addresses; job drivers inherit both too.
+        **ray_env(settings),
         "RAY_USAGE_STATS_ENABLED": "0",
-        # No Serve replicas to quiesce here: skip the 30 s SIGTERM drain so `stack down` is quick.
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        # Pinned: with the mode unset, a token that any local ray.init() left in ~/.ray would switch this head
-        # to token auth and every client without that token (and our health check) would get 401s.
-        "RAY_AUTH_MODE": "disabled",
+        # Job entrypoints say `python ...`: this venv first on the PATH the raylet hands to jobs.
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
         "VIRTUAL_ENV": str(venv.parent),
     }
-    return Launch(argv=argv, cwd=settings.stack.home / "ray", env=env)
 
 
 def url(settings: Settings) -> str:
@@ -64,8 +89,11 @@ def healthy(settings: Settings) -> bool:
     machine) the raylet exits after a fixed 15 s wait for the agent's port files (ray#65983), leaving a
     Jobs API that can run nothing. The agent's raylet check (KubeRay's readiness probe) rules that out.
     """
+    if not ray_token_file(settings).exists():
+        return False
     raylet = f"http://{settings.stack.host}:{settings.ray.dashboard_agent_port}/api/local_raylet_healthz"
-    return http_ok(settings.ray.address.rstrip("/") + "/api/jobs/", timeout_s=5.0) and http_ok(raylet, timeout_s=5.0)
+    jobs = settings.ray.address.rstrip("/") + "/api/jobs/"
+    return http_ok(jobs, timeout_s=5.0, headers=auth_header(settings)) and http_ok(raylet, timeout_s=5.0)
 
 
 # A raylet lost to that race takes `ray start --block` down with it: launch again (warm caches start faster).

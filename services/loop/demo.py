@@ -75,7 +75,9 @@ def start_services(settings: Settings) -> None:
     for name in APP_SERVICES:
         if process.running_pid(settings.stack.home, name) is None:
             argv = [sys.executable, "-m", "services", "serve", name]
-            process.spawn(settings.stack.home, name, process.Launch(argv, Path.cwd(), settings_env(settings)))
+            process.spawn(
+                settings.stack.home, name, process.Launch(argv, Path.cwd(), settings_env(settings, secrets=True))
+            )
 
 
 def status_consumer(settings: Settings):

@@ -279,10 +279,11 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): consume requests, advance the current retrain."""
     from ray.job_submission import JobSubmissionClient
 
-    from deploy.clients import ensure_topics
+    from deploy.clients import ensure_topics, use_ray
     from services.stream.publisher import make_producer
 
     stop = stop or threading.Event()
+    use_ray(settings)
     engine = make_engine(settings)
     create_schema(engine)
     ensure_topics(settings)

@@ -40,7 +40,7 @@ from faust.app.base import BootStrategy
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from deploy.clients import ensure_topics
+from deploy.clients import database_url, ensure_topics
 from schemas.settings import Settings
 from services.store import InsertResult, create_schema, make_engine
 from services.stream import metrics
@@ -338,6 +338,6 @@ def run(settings: Settings, loglevel: str = "info") -> None:
     metrics.serve_metrics(settings.stream.metrics_port, settings.stack.host)
     mode.loop.use("uvloop")  # a cheaper loop for aiokafka's and faust's futures; set before any loop exists
     app = build_app(settings)
-    log.info("accumulator: %s -> %s (group %s)", settings.kafka.events_topic, settings.database.url.split("@")[-1],
+    log.info("accumulator: %s -> %s (group %s)", settings.kafka.events_topic, database_url(settings).split("@")[-1],
              settings.kafka.accumulator_group)
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()

@@ -1,4 +1,5 @@
-"""Database set-up of the stack: PostgreSQL databases created when missing, SQLite fallback for MLflow."""
+"""Database set-up of the stack: the embedded PostgreSQL by default, an external server by URL (this machine's
+PostgreSQL on 127.0.0.1:5432, so both paths run in CI), databases created when missing."""
 
 from __future__ import annotations
 
@@ -7,15 +8,28 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy.embedded.mlflow import backend_store_uri
+from deploy import stack as embedded
+from deploy.clients import database_url, mlflow_backend_uri
 from deploy.embedded.postgres import ensure_database
 from schemas.settings import load_settings, with_overrides
 
+EXTERNAL = "postgresql+psycopg://postgres@127.0.0.1:5432"
+"""This machine's PostgreSQL server (trust auth)."""
 
-def test_mlflow_falls_back_to_sqlite_under_the_absolute_home() -> None:
-    settings = with_overrides(load_settings(), {"mlflow": {"backend_store_uri": None}, "stack": {"home": "rel/home"}})
-    uri = backend_store_uri(settings)
-    assert uri.startswith("sqlite:////") and uri.endswith("/rel/home/mlflow/mlflow.db")
+
+def test_unset_database_urls_mean_the_embedded_server() -> None:
+    settings = with_overrides(load_settings(), {"database": {"url": None}, "mlflow": {"backend_store_uri": None}})
+    port = settings.stack.postgres_port
+    assert database_url(settings) == f"postgresql+psycopg://postgres@127.0.0.1:{port}/medretrain"
+    assert mlflow_backend_uri(settings) == f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow"
+    assert embedded.services(settings)[0].name == "postgres"
+
+
+def test_external_urls_leave_the_embedded_server_out() -> None:
+    urls = {"database": {"url": f"{EXTERNAL}/a"}, "mlflow": {"backend_store_uri": f"{EXTERNAL}/b"}}
+    settings = with_overrides(load_settings(), urls)
+    assert (database_url(settings), mlflow_backend_uri(settings)) == (f"{EXTERNAL}/a", f"{EXTERNAL}/b")
+    assert "postgres" not in [s.name for s in embedded.services(settings)]
 
 
 @pytest.fixture
@@ -23,8 +37,12 @@ def scratch_database() -> Iterator[tuple[str, str]]:
     """(name, URL) of a PostgreSQL database name nobody uses; dropped afterwards if a test created it."""
     import psycopg
 
+    try:
+        psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", connect_timeout=3).close()
+    except psycopg.OperationalError:
+        pytest.skip("no PostgreSQL server on 127.0.0.1:5432 for the external-server path")
     name = f"medretrain_t_{uuid.uuid4().hex[:12]}"
-    yield name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    yield name, f"{EXTERNAL}/{name}"
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
@@ -34,6 +52,40 @@ def test_postgres_database_created_once(scratch_database) -> None:
     _, url = scratch_database
     assert ensure_database(url) is True
     assert ensure_database(url) is False
+
+
+@pytest.mark.integration
+def test_the_store_works_on_an_external_server(scratch_database) -> None:
+    from sqlalchemy import insert, select
+
+    from schemas.events import RetrainRequest
+    from services.store import (
+        RetrainRequestRow,
+        create_schema,
+        load_request,
+        make_engine,
+    )
+
+    _, url = scratch_database
+    settings = with_overrides(load_settings(), {"database": {"url": url}})
+    engine = make_engine(settings)  # creates the database on the external server
+    try:
+        create_schema(engine)
+        request = RetrainRequest(request_id="rr-external", reason="manual", watermark=0)
+        with engine.begin() as conn:
+            conn.execute(
+                insert(RetrainRequestRow).values(
+                    request_id=request.request_id,
+                    reason="manual",
+                    watermark=0,
+                    request_json=request.model_dump(mode="json"),
+                    state="requested",
+                )
+            )
+            assert conn.execute(select(RetrainRequestRow.state)).scalar_one() == "requested"
+        assert load_request(settings, "rr-external") == request
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.integration

@@ -1,4 +1,4 @@
-"""deploy.ray_env: the job's environment rebuilds the submitter's Settings exactly."""
+"""deploy.ray_env: the job's environment rebuilds the submitter's Settings, secrets left out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deploy.ray_env import REPO, runtime_env, settings_env
-from schemas.settings import Settings, load_settings, with_overrides
+from schemas.settings import SECRET_SETTINGS, Settings, load_settings, with_overrides
 
 
 def _clear_medretrain_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,6 +30,22 @@ def test_settings_round_trip_through_env(monkeypatch: pytest.MonkeyPatch) -> Non
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert Settings() == original
+
+
+SECRETS = {
+    "s3": {"access_key": "AKIA-not-in-a-job-spec", "secret_key": "s3-secret-not-in-a-job-spec"},
+    "database": {"url": "postgresql+psycopg://medretrain:db-password-not-in-a-job-spec@db:5432/medretrain"},
+    "mlflow": {"backend_store_uri": "postgresql+psycopg://mlflow:mlflow-password-not-in-a-job-spec@db/mlflow"},
+}
+
+
+def test_no_secret_setting_reaches_a_job_spec() -> None:
+    settings = with_overrides(load_settings(), SECRETS)
+    spec = str(runtime_env(settings))
+    assert "not-in-a-job-spec" not in spec
+    assert "MEDRETRAIN_S3__ENDPOINT" in spec  # the rest of the settings still travel
+    every = settings_env(settings, secrets=True)  # for this machine's own processes (the demo's services)
+    assert {f"MEDRETRAIN_{name.upper().replace('.', '__')}" for name in SECRET_SETTINGS} <= set(every)
 
 
 def test_runtime_env_has_absolute_paths_and_file_vars() -> None:

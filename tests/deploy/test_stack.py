@@ -13,7 +13,6 @@ import pytest
 from deploy import process
 from deploy import stack as embedded
 from deploy.clients import boto3_s3, credentials_file, ensure_topics, topic_names
-from deploy.embedded import host_port
 from schemas.settings import Settings, with_overrides
 
 pytestmark = pytest.mark.integration
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def test_status_all_healthy_with_pids(stack: Settings) -> None:
     statuses = embedded.status(stack)
-    assert [s.name for s in statuses] == ["s3", "kafka", "mlflow", "ray"]
+    assert [s.name for s in statuses] == ["postgres", "s3", "kafka", "mlflow", "ray"]
     assert all(s.healthy and s.pid for s in statuses), statuses
     for s in statuses:
         assert process.log_path(stack.stack.home, s.name).exists()
@@ -196,20 +195,6 @@ def _wait_job(client, job: str, timeout_s: float = 300):
     raise AssertionError(f"job {job} still {state} after {timeout_s} s:\n{client.get_job_logs(job)}")
 
 
-def test_services_bind_to_configured_host(stack: Settings) -> None:
-    import psutil
-
-    ours = {s.pid for s in embedded.status(stack)}
-    for s in embedded.status(stack):
-        if s.name == "ray":
-            continue  # Ray's internal gRPC servers bind every interface; only its HTTP ports honour the host
-        root = psutil.Process(s.pid)
-        tree = [root, *root.children(recursive=True)]  # MLflow listens in its uvicorn child
-        listening = [c.laddr for p in tree for c in p.net_connections(kind="tcp") if c.status == "LISTEN"]
-        assert listening and all(addr.ip == stack.stack.host for addr in listening), (s.name, listening)
-    assert host_port(stack.ray.address)[0] == stack.stack.host and ours
-
-
 def test_cli_status_prints_table(stack: Settings) -> None:
     from typer.testing import CliRunner
 
@@ -225,12 +210,12 @@ def test_cli_status_prints_table(stack: Settings) -> None:
 def test_foreign_service_on_our_port_is_a_clear_error(stack: Settings, tmp_path) -> None:
     from deploy.process import ServiceError
 
-    # Another stack home with the same ports (and databases of its own): the S3 port is served, but not by a
-    # process of that stack.
-    fresh = {"url": f"postgresql+psycopg://postgres@127.0.0.1:5432/medretrain_t_{uuid.uuid4().hex[:12]}"}
-    other = with_overrides(stack, {"stack": {"home": str(tmp_path / "other")}, "database": fresh,
-                                   "mlflow": {"backend_store_uri": None}})
-    with pytest.raises(ServiceError, match=r"service 's3': .* already served by a process this stack did not start"):
+    # Another stack home with the same ports: the embedded PostgreSQL's port is served, but not by a process of
+    # that stack.
+    other = with_overrides(stack, {"stack": {"home": str(tmp_path / "other")}})
+    with pytest.raises(
+        ServiceError, match=r"service 'postgres': .* already served by a process this stack did not start"
+    ):
         embedded.up(other)
 
 

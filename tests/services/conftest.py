@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 
+from deploy.clients import database_url
 from schemas.settings import Settings, load_settings
 from services.store import create_schema, make_engine
 
@@ -32,7 +33,8 @@ def store_engine(request, sqlite_engine):
     if request.param == "sqlite":
         yield sqlite_engine
         return
-    url = make_url(load_settings().database.url).set(database=f"medretrain_store_{uuid.uuid4().hex[:10]}")
+    request.getfixturevalue("stack")  # the embedded PostgreSQL server runs with the test stack
+    url = make_url(database_url(load_settings())).set(database=f"medretrain_store_{uuid.uuid4().hex[:10]}")
     engine = make_engine(load_settings([f"database.url={url.render_as_string(hide_password=False)}"]))
     create_schema(engine)
     yield engine

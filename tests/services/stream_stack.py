@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, func, make_url, select, text
 
-from deploy.clients import ensure_topics
+from deploy.clients import database_url, ensure_topics
 from schemas.settings import Settings, load_settings
 from services.store import QAEventRow, create_schema, make_engine
 
@@ -44,7 +44,7 @@ def free_port() -> int:
 
 def open_env(base: Settings, extra: dict[str, Any]) -> StreamEnv:
     suffix = uuid.uuid4().hex[:10]
-    url = make_url(base.database.url).set(database=f"medretrain_stream_{suffix}")
+    url = make_url(database_url(base)).set(database=f"medretrain_stream_{suffix}")
     values = {
         "kafka.events_topic": f"qa.events.{suffix}",
         "kafka.answers_topic": f"qa.answers.{suffix}",
