@@ -179,16 +179,15 @@ def card() -> str:
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from deploy import stack
-    from deploy.clients import boto3_s3, ensure_topics
+    from deploy.clients import ensure_topics
     from evaluator.evaluate import measure_champion, medquad_set
     from services.store import create_schema, make_engine
     from trainer.model import build_tiny_llama
     from trainer.registry import bootstrap, resolve
 
-    stack.up(settings)
+    stack.up(settings)  # also creates the run's buckets
     ensure_topics(settings)
     create_schema(make_engine(settings))
-    boto3_s3(settings).create_bucket(Bucket=settings.s3.checkpoints_bucket)
     base = build_tiny_llama(Path(tempfile.mkdtemp(prefix="rl-tiny-"))) if args.tiny else args.base_model
     bootstrap(settings, from_path=base)
     # As in the demo: the first champion's MedQuAD baseline is scored once, outside any round.

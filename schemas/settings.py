@@ -52,6 +52,10 @@ class S3Settings(_Section):
     datasets_bucket: str = "medretrain-datasets"
     retries: int = Field(5, ge=0)
     """Bounded retries (exponential backoff) for S3 writes before a clean failure."""
+    cache_prefix: str = Field("cache", min_length=1)
+    """Prefix in the checkpoints bucket of what retrains reuse: tokenized MedQuAD rows, torch.compile's kernels."""
+    cache_max_mb: int = Field(4096, ge=0)
+    """Size bound of everything under ``cache_prefix``; the oldest entries go first. 0 turns the caches off."""
 
 
 class DatabaseSettings(_Section):

@@ -103,9 +103,12 @@ def pack_items(items: Sequence[tuple[int, Example]], row_len: int, pad_id: int) 
     return [(tuple(items[m][0] for m in row.members), row) for row in rows]
 
 
-def training_items(tokenizer, rows: Sequence[QAPair], train) -> list:
-    """What a sampler walks over: encoded pairs, or packed rows of them with ``train.packing``."""
-    items = encode_rows(tokenizer, rows, train.max_length)
+def training_items(tokenizer, rows: Sequence[QAPair], train, encode=None) -> list:
+    """What a sampler walks over: encoded pairs, or packed rows of them with ``train.packing``.
+
+    ``encode`` replaces :func:`encode_rows` (same signature, same result), e.g. by one with a cache.
+    """
+    items = (encode or encode_rows)(tokenizer, rows, train.max_length)
     return pack_items(items, train.max_length, tokenizer.pad_token_id) if train.packing else items
 
 
