@@ -171,6 +171,29 @@ def run_round(settings: Settings, events: list, timeout_s: float, answers_url: s
     return out
 
 
+def tune_starts(settings: Settings, trials: int, out_dir: Path) -> list[dict[str, float]]:
+    """A Ray Tune search of ``trials`` trials, one at a time: how long each trial took to reach its first step."""
+    from services.timeline import training_window
+    from trainer.tracking import client
+    from trainer.tune import run_tune
+
+    tune = {"num_samples": trials, "max_steps": 2 * settings.train.checkpoint_every_steps, "max_concurrent": 1,
+            "micro_batches": [settings.train.micro_batch_size], "epochs": []}  # fmt: skip
+    summary = run_tune(with_overrides(settings, {"tune": tune}), None, out_dir / "tuned.json")
+    mlflow = client(settings)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(settings.mlflow.experiment).experiment_id],
+                              filter_string=f"tags.`medretrain.tune_id` = '{summary['tune_id']}' and tags.`medretrain.kind` = 'tune-trial'",
+                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    figures, previous_end = [], None
+    for i, r in enumerate(runs):
+        first_step = training_window(mlflow, r.info.run_id)[0]
+        # The run opens inside the trial; the previous trial's end also counts the trial's process start-up.
+        figures.append({"trial": i, "run_start_to_first_step_s": round(first_step - r.info.start_time / 1000, 2),
+                        "previous_trial_end_to_first_step_s": None if previous_end is None else round(first_step - previous_end, 2)})  # fmt: skip
+        previous_end = r.info.end_time / 1000
+    return figures
+
+
 def card() -> str:
     import torch
 
@@ -198,10 +221,11 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         warm = run_round(settings, split_events("production", args.events, seed=28), args.timeout, args.answers_url)
     finally:
         stop_services(procs)
+    trials = tune_starts(settings, args.tune_trials, args.logs) if args.tune_trials else []
     serving = {"trigger_to_serving_s": warm["trigger_to_serving_s"]} if "trigger_to_serving_s" in warm else {}
     return {**serving, "trigger_to_promotion_s": warm["trigger_to_promotion_s"],
             "cold_trigger_to_promotion_s": cold["trigger_to_promotion_s"], "stage_table": warm["stages"],
-            "warm": warm, "cold": cold}  # fmt: skip
+            "tune_trials": trials, "warm": warm, "cold": cold}  # fmt: skip
 
 
 def main() -> None:
@@ -212,6 +236,7 @@ def main() -> None:
     parser.add_argument("--base-model", type=Path, help="local HF checkpoint as the base (default: the shipped SmolLM2)")
     parser.add_argument("--answers-url", help="answer service to wait on for the swap")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="use the settings' own names")
+    parser.add_argument("--tune-trials", type=int, default=3, help="then a Tune search of this many trials (0: none)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds each round may take")
     parser.add_argument("--out", type=Path, help="default: bench/results/round_latency_<card>.json")
     parser.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "round_latency_logs")
