@@ -41,8 +41,22 @@ FWD_OPTIONS = {
     "fwd_m64_n64_w4_s3": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
 }
 BWD_OPTIONS = {
-    f"bwd_m{m}_n{n}_w{w}_s{s}": {"bwd_BLOCK_M1": m, "bwd_BLOCK_N1": n, "bwd_BLOCK_M2": n, "bwd_BLOCK_N2": m, "bwd_num_warps": w, "bwd_num_stages": s}
-    for m, n, w, s in ((64, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4))
+    f"bwd_m{m}_n{n}_w{w}_s{s}": {
+        "bwd_BLOCK_M1": m,
+        "bwd_BLOCK_N1": n,
+        "bwd_BLOCK_M2": n,
+        "bwd_BLOCK_N2": m,
+        "bwd_num_warps": w,
+        "bwd_num_stages": s,
+    }
+    for m, n, w, s in (
+        (64, 128, 8, 3),
+        (64, 128, 4, 3),
+        (32, 128, 4, 3),
+        (64, 64, 4, 3),
+        (64, 128, 8, 2),
+        (32, 64, 4, 4),
+    )
 }
 FLAGS = {
     "flex_rows_safe": {"ROWS_GUARANTEED_SAFE": True},  # every query sees itself
@@ -105,7 +119,14 @@ def main() -> None:
     grad = torch.randn(b, HEADS, row_len, DIM, device=dev, dtype=torch.bfloat16)
 
     def document_mask(block_size) -> object:
-        return create_block_mask(lambda bi, h, qi, ki: (qi >= ki) & (doc[bi, qi] == doc[bi, ki]), b, None, row_len, row_len, BLOCK_SIZE=block_size)
+        return create_block_mask(
+            lambda bi, h, qi, ki: (qi >= ki) & (doc[bi, qi] == doc[bi, ki]),
+            b,
+            None,
+            row_len,
+            row_len,
+            BLOCK_SIZE=block_size,
+        )
 
     mask = document_mask(128)
 
@@ -135,12 +156,15 @@ def main() -> None:
     candidates["fa2_varlen"] = (lambda: varlen_attn(qv, kr, vr, cu, cu, longest, longest, **causal)), flat_grad, None
 
     def cudnn(key, value):
-        return torch.ops.aten._cudnn_attention_forward(qv, key, value, None, cu, cu, longest, longest, True, 0.0, True, False)[0]
+        return torch.ops.aten._cudnn_attention_forward(
+            qv, key, value, None, cu, cu, longest, longest, True, 0.0, True, False
+        )[0]
 
     candidates["cudnn_ragged"] = (lambda: cudnn(kr, vr)), flat_grad, None
     candidates["cudnn_ragged_gqa"] = (lambda: cudnn(kv, vv)), flat_grad, None
 
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "cudnn": torch.backends.cudnn.version(),
                "batch": b, "row_len": row_len, "segments": len(lengths), "mean_segment": total / len(lengths),
                "forward_gflop": forward_flop / 1e9, "kernels": {}}  # fmt: skip
     with torch.no_grad():
@@ -158,7 +182,8 @@ def main() -> None:
             return
         results["kernels"][name] = {
             "max_abs_diff_vs_flex": diff, "forward_ms": forward_ms, "forward_backward_ms": both_ms,
-            "forward_tflops": forward_flop / forward_ms / 1e9, "forward_backward_tflops": 3.5 * forward_flop / both_ms / 1e9,
+            "forward_tflops": forward_flop / forward_ms / 1e9,
+            "forward_backward_tflops": 3.5 * forward_flop / both_ms / 1e9,
         }  # fmt: skip
         print(name, json.dumps(results["kernels"][name]), flush=True)
 
@@ -171,7 +196,10 @@ def main() -> None:
     if not args.only:  # The best forward and the best backward tiles of the full sweep, together.
         timings = {name: r for name, r in results["kernels"].items() if isinstance(r, dict) and name in flex_options}
         best_fwd = min((n for n in timings if n == "flex" or n in FWD_OPTIONS), key=lambda n: timings[n]["forward_ms"])
-        best_bwd = min((n for n in timings if n == "flex" or n in BWD_OPTIONS), key=lambda n: timings[n]["forward_backward_ms"] - timings[n]["forward_ms"])
+        best_bwd = min(
+            (n for n in timings if n == "flex" or n in BWD_OPTIONS),
+            key=lambda n: timings[n]["forward_backward_ms"] - timings[n]["forward_ms"],
+        )
         best = {**(flex_options[best_fwd] or {}), **(flex_options[best_bwd] or {})}
         results["flex_best_options"] = best
         measure("flex_best", *flex_call(torch.compile(flex_attention), best))

@@ -1,6 +1,6 @@
 """Drift detector calibration: false-alarm rate, power on shifted streams, embedding throughput, latency.
 
-    .venv/bin/python bench/drift_calibration.py                      # JSON to stdout and bench/results/drift_calibration.json
+    .venv/bin/python bench/drift_calibration.py        # JSON to stdout and bench/results/drift_calibration.json
     .venv/bin/python bench/drift_calibration.py --null-windows 100 --shift-windows 50 --set drift.permutations=1000
 
 The reference is built exactly as for the base champion (``drift.reference_size`` MedQuAD train
@@ -8,7 +8,7 @@ questions, seeded). Windows of ``drift.window_size`` questions:
 
 - null: held-out MedQuAD (validation + test documents) against the train reference: any alarm is false;
 - ``rare_sources``: production-split questions of sources under 5% of the reference;
-- ``consumer_style``: consumer-style questions (services/drift_shifts.py) about production topics, with
+- ``consumer_style``: consumer-style questions (tests/services/trigger/drift_shifts.py) about production topics, with
   source and qtype drawn from the reference, so only the embedding and length tests can see them;
 - ``consumer_mix_25``: a quarter consumer-style, the rest held-out MedQuAD (a partial shift).
 
@@ -33,14 +33,15 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "services" / "trigger")]  # drift_shifts: the shifted-stream fixture
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from drift_shifts import consumer_questions  # noqa: E402
+
 from schemas.settings import DriftSettings, load_settings  # noqa: E402
-from services.drift import QuestionSample, detect  # noqa: E402
-from services.drift_reference import Row, medquad_rows, sample_reference  # noqa: E402
-from services.drift_shifts import consumer_questions  # noqa: E402
-from services.embeddings import embed  # noqa: E402
+from services.trigger.drift import QuestionSample, detect  # noqa: E402
+from services.trigger.drift_reference import Row, medquad_rows, sample_reference  # noqa: E402
+from services.trigger.embeddings import embed  # noqa: E402
 
 log = logging.getLogger("bench.drift")
 
@@ -56,19 +57,29 @@ def cached_sample(rows: list[Row], cache: Path, batch_size: int) -> QuestionSamp
         vectors = embed(questions, batch_size)
         cache.mkdir(parents=True, exist_ok=True)
         np.save(path, vectors)
-    return QuestionSample(questions, vectors, [row[1] for row in rows], [row[2] for row in rows],
-                          [row[3] for row in rows])
+    return QuestionSample(
+        questions, vectors, [row[1] for row in rows], [row[2] for row in rows], [row[3] for row in rows]
+    )
 
 
 def subset(sample: QuestionSample, index: np.ndarray) -> QuestionSample:
-    return QuestionSample([sample.questions[i] for i in index], sample.embeddings[index],
-                          [sample.sources[i] for i in index], [sample.qtypes[i] for i in index],
-                          [sample.topics[i] for i in index])
+    return QuestionSample(
+        [sample.questions[i] for i in index],
+        sample.embeddings[index],
+        [sample.sources[i] for i in index],
+        [sample.qtypes[i] for i in index],
+        [sample.topics[i] for i in index],
+    )
 
 
 def concat(a: QuestionSample, b: QuestionSample) -> QuestionSample:
-    return QuestionSample(a.questions + b.questions, np.concatenate([a.embeddings, b.embeddings]),
-                          a.sources + b.sources, a.qtypes + b.qtypes, a.topics + b.topics)
+    return QuestionSample(
+        a.questions + b.questions,
+        np.concatenate([a.embeddings, b.embeddings]),
+        a.sources + b.sources,
+        a.qtypes + b.qtypes,
+        a.topics + b.topics,
+    )
 
 
 def shifted_pools(reference: list[Row], seed: int) -> dict[str, list[Row]]:
@@ -98,8 +109,14 @@ def run_windows(reference: QuestionSample, draw, windows: int, drift: DriftSetti
         latency.append(time.perf_counter() - start)
         alarms += result.drift
         fired.update(name for name, t in result.tests.items() if t.rejected)
-    return {"windows": windows, "alarms": alarms, "alarm_rate": alarms / windows, "tests_fired": dict(fired),
-            "detect_s_median": float(np.median(latency)), "detect_s_p95": float(np.percentile(latency, 95))}
+    return {
+        "windows": windows,
+        "alarms": alarms,
+        "alarm_rate": alarms / windows,
+        "tests_fired": dict(fired),
+        "detect_s_median": float(np.median(latency)),
+        "detect_s_p95": float(np.percentile(latency, 95)),
+    }
 
 
 def throughput(questions: list[str], batch_size: int) -> float:
@@ -115,8 +132,10 @@ def calibrate(args: argparse.Namespace) -> dict:
     ref_rows, _ = sample_reference([], drift.reference_size, drift.seed)
     reference = cached_sample(ref_rows, args.cache, drift.embed_batch_size)
     held_out = cached_sample(medquad_rows("validation") + medquad_rows("test"), args.cache, drift.embed_batch_size)
-    pools = {name: cached_sample(rows, args.cache, drift.embed_batch_size)
-             for name, rows in shifted_pools(ref_rows, args.seed).items()}
+    pools = {
+        name: cached_sample(rows, args.cache, drift.embed_batch_size)
+        for name, rows in shifted_pools(ref_rows, args.seed).items()
+    }
     m = drift.window_size
 
     def window_of(pool: QuestionSample, size: int = m) -> QuestionSample:
@@ -126,11 +145,13 @@ def calibrate(args: argparse.Namespace) -> dict:
     draws = {
         "rare_sources": lambda i: window_of(pools["rare_sources"]),
         "consumer_style": lambda i: window_of(pools["consumer_style"]),
-        "consumer_mix_25": lambda i: concat(window_of(pools["consumer_style"], quarter), window_of(held_out, m - quarter)),
+        "consumer_mix_25": lambda i: concat(
+            window_of(pools["consumer_style"], quarter), window_of(held_out, m - quarter)
+        ),
     }
     null = run_windows(reference, lambda i: window_of(held_out), args.null_windows, drift)
     power = {name: run_windows(reference, draw, args.shift_windows, drift) for name, draw in draws.items()}
-    per_s = throughput(held_out.questions[:args.throughput_questions], drift.embed_batch_size)
+    per_s = throughput(held_out.questions[: args.throughput_questions], drift.embed_batch_size)
     return {
         "settings": drift.model_dump(),
         "reference": {"size": len(reference), "sources": dict(Counter(reference.sources))},
@@ -140,8 +161,12 @@ def calibrate(args: argparse.Namespace) -> dict:
         "power": power,
         "embedding_questions_per_s": per_s,
         "check_latency_s": m / per_s + null["detect_s_median"],
-        "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0], "python": platform.python_version(),
-                    "torch_threads": __import__("torch").get_num_threads()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_1m_at_end": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "torch_threads": __import__("torch").get_num_threads(),
+        },
     }
 
 

@@ -36,7 +36,7 @@ from stream_stack import close_env, open_env, start_accumulator, stop, stored_co
 
 from schemas.settings import load_settings  # noqa: E402
 from services.store import QAEventRow  # noqa: E402
-from services.publisher import publish  # noqa: E402
+from services.stream.publisher import publish  # noqa: E402
 
 log = logging.getLogger("bench.ingest")
 

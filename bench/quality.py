@@ -50,10 +50,12 @@ PROFILES: dict[str, dict[str, Any]] = {
             "attn_implementation": "flex_attention", "compile": True, "max_length": 2048, "micro_batch_size": 8,
             "epochs": 2, "warmup_steps": 20, "checkpoint_every_steps": 100, "val_rows": 128,
         },
-        "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None, "batch_size": 128},
+        "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None,
+                     "batch_size": 128},
         "trigger": {"threshold": 2000, "cooldown_s": 0},
         # Micro batch fixed at the throughput choice: trials then reuse compiled kernels of one shape.
-        "tune": {"num_samples": 5, "micro_batches": [8], "epochs": [1, 2, 3], "max_concurrent": 1, "workers_per_trial": 1,
+        "tune": {"num_samples": 5, "micro_batches": [8], "epochs": [1, 2, 3], "max_concurrent": 1,
+                 "workers_per_trial": 1,
                  "time_budget_s": 450},
     },
     # The same flow in minutes on two CPU cores with a tiny model: checks the plumbing, not quality.
@@ -106,8 +108,8 @@ def job_time(settings: Settings, ray_job_id: str, run_id: str, log_path: Path) -
     """Where the Ray job's time went, from Ray and the run's step metrics; its log is saved to ``log_path``."""
     from ray.job_submission import JobSubmissionClient
 
-    from services.timeline import training_window
-    from trainer.tracking import client
+    from deploy.registry import mlflow_client as client
+    from services.loop.timeline import training_window
 
     jobs = JobSubmissionClient(settings.ray.address)
     log_path.write_text(jobs.get_job_logs(ray_job_id))
@@ -124,9 +126,9 @@ def job_time(settings: Settings, ray_job_id: str, run_id: str, log_path: Path) -
 
 def retrain_round(settings: Settings, start, timeout_s: float, log_path: Path) -> dict[str, Any]:
     """Wait for the retrain that ``start()`` sets off to reach a final phase: phases, verdict, training figures."""
-    from evaluator.evaluate import read_decision
+    from evaluator.decision import read_decision
     from schemas.events import utcnow
-    from services.demo import FINAL_PHASES, wait_for_final
+    from services.loop.demo import FINAL_PHASES, wait_for_final
     from trainer.tracking import latest_metrics
 
     since = utcnow()
@@ -186,7 +188,9 @@ def decoding(settings: Settings, versions: list[str]) -> dict[str, dict[str, dic
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         out[f"v{version}"] = {
             f"no_repeat_{n}": scoring.score_answers(
-                inference.generate_answers(model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, f"v{version}", n),
+                inference.generate_answers(
+                    model, tokenizer, questions, ev.max_new_tokens, ev.batch_size, f"v{version}", n
+                ),
                 references,
             )
             for n in NGRAM_BLOCKING
@@ -197,7 +201,7 @@ def decoding(settings: Settings, versions: list[str]) -> dict[str, dict[str, dic
 def production_set(settings: Settings, run_id: str):
     """The production set a run's gate used: its snapshot's evaluation slice, in the gate's seeded order."""
     from evaluator.evaluate import build_eval_set, candidate_from_run
-    from trainer.snapshots import read_snapshot
+    from trainer.snapshot_reader import read_snapshot
 
     snapshot_id = candidate_from_run(settings, run_id).lineage.snapshot_id
     if not snapshot_id:
@@ -206,13 +210,20 @@ def production_set(settings: Settings, run_id: str):
     return build_eval_set("production", production, settings)
 
 
-def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: float, results: Results, last: str,
-        skip: list[str]) -> None:
+def run(
+    settings: Settings,
+    profile: str,
+    base_model: Path | None,
+    timeout_s: float,
+    results: Results,
+    last: str,
+    skip: list[str],
+) -> None:
     from evaluator.evaluate import measure_version
-    from services import publisher
-    from services.demo import start_services, unseen_events
+    from services.loop.demo import start_services, unseen_events
     from services.store import create_schema, make_engine
-    from services.trigger import emit_manual
+    from services.stream import publisher
+    from services.trigger.trigger import emit_manual
     from trainer.registry import bootstrap
     from trainer.tune import run_tune
 
@@ -249,7 +260,8 @@ def run(settings: Settings, profile: str, base_model: Path | None, timeout_s: fl
         "base_on_production": base_on_production,
     }
     results.data.update(benchmark="quality", profile=profile,
-                        settings={k: settings.model_dump(mode="json")[k] for k in ("train", "evaluate", "trigger", "tune")})  # fmt: skip
+                        settings={k: settings.model_dump(mode="json")[k]
+                                  for k in ("train", "evaluate", "trigger", "tune")})  # fmt: skip
     results.data["skipped"] = skip
     for name in STAGES[: STAGES.index(last) + 1]:
         if name not in skip:
@@ -270,7 +282,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds each round may take")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run now")
     parser.add_argument("--skip", action="append", default=[], choices=["tune", "decoding"],
-                        help="without tune, the rounds train with the profile's own settings and the shipped defaults")  # fmt: skip
+                        help="without tune, the rounds train with the profile's own settings and the shipped "
+                             "defaults")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json",
                         help="results; stages already in it are skipped")  # fmt: skip
     args = parser.parse_args()

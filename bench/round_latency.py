@@ -9,7 +9,7 @@ accumulator and orchestrator as their own processes (``medretrain serve``), even
 Kafka. A first round (MedQuAD training-split pairs published as production events) warms the stack
 and the Ray cluster and gives the cold figure; the measured round publishes ``--events`` pairs of the
 production split, which cross the threshold. Each round's stages are read back from the store, Ray
-and MLflow (``services/timeline.py``), never from this script's clock. ``--isolate`` (default) gives
+and MLflow (``services/loop/timeline.py``), never from this script's clock. ``--isolate`` (default) gives
 the run its own topics, database, buckets, registered model and experiment, so it can share a stack.
 Writes ``bench/results/round_latency_<card>.json``.
 """
@@ -116,7 +116,7 @@ def split_events(split: str, n: int, seed: int) -> list:
     import random
 
     from schemas.events import QAEvent
-    from services.publisher import derive_event_id
+    from services.stream.publisher import derive_event_id
     from trainer.medquad import load_medquad
 
     pairs = random.Random(seed).sample(load_medquad(split), n)
@@ -149,9 +149,9 @@ def stage_table(timeline) -> list[dict[str, Any]]:
 def run_round(settings: Settings, events: list, timeout_s: float, answers_url: str | None) -> dict[str, Any]:
     """Publish ``events`` (they cross the threshold), wait for the final status, read the round's timeline."""
     from schemas.events import utcnow
-    from services import publisher
-    from services.demo import FINAL_PHASES, wait_for_final
-    from services.timeline import retrain_timeline
+    from services.stream import publisher
+    from services.loop.demo import FINAL_PHASES, wait_for_final
+    from services.loop.timeline import retrain_timeline
 
     since = utcnow()
     publisher.publish(settings, events)
@@ -173,14 +173,14 @@ def run_round(settings: Settings, events: list, timeout_s: float, answers_url: s
 
 def tune_starts(settings: Settings, trials: int, out_dir: Path) -> list[dict[str, float]]:
     """A Ray Tune search of ``trials`` trials, one at a time: how long each trial took to reach its first step."""
-    from services.timeline import training_window
-    from trainer.tracking import client
+    from services.loop.timeline import training_window
+    from deploy.registry import mlflow_client
     from trainer.tune import run_tune
 
     tune = {"num_samples": trials, "max_steps": 2 * settings.train.checkpoint_every_steps, "max_concurrent": 1,
             "micro_batches": [settings.train.micro_batch_size], "epochs": []}  # fmt: skip
     summary = run_tune(with_overrides(settings, {"tune": tune}), None, out_dir / "tuned.json")
-    mlflow = client(settings)
+    mlflow = mlflow_client(settings)
     runs = mlflow.search_runs([mlflow.get_experiment_by_name(settings.mlflow.experiment).experiment_id],
                               filter_string=f"tags.`medretrain.tune_id` = '{summary['tune_id']}' and tags.`medretrain.kind` = 'tune-trial'",
                               order_by=["attributes.start_time ASC"])  # fmt: skip

@@ -1,4 +1,5 @@
-"""CPU training benchmark: tokens/s and time per step of SmolLM2-135M LoRA through the real Ray Train path, 1 vs 2 workers.
+"""CPU training benchmark: tokens/s and time per step of SmolLM2-135M LoRA through the real Ray Train path, 1 vs 2
+workers.
 
     .venv/bin/python bench/train_cpu.py                     # JSON to stdout and bench/results/train_cpu.json
     .venv/bin/python bench/train_cpu.py --steps 12 --workers 1 2 --out /tmp/train_cpu.json
@@ -27,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deploy.registry import KIND_TAG, mlflow_client  # noqa: E402
 from schemas.events import RetrainRequest  # noqa: E402
 from schemas.settings import Settings, load_settings, with_overrides  # noqa: E402
 from trainer import tracking  # noqa: E402
@@ -47,14 +49,14 @@ def measure(settings: Settings, base_version: str, rows: tuple[list, list]) -> d
     """One Ray Train run; medians of the per-step metrics its rank 0 logged to MLflow."""
     cfg = settings.train
     name = f"bench-{uuid.uuid4().hex[:8]}-w{cfg.num_workers}"
-    run_id = tracking.open_run(settings, {tracking.KIND_TAG: "bench"}, run_name=name)
+    run_id = tracking.open_run(settings, {KIND_TAG: "bench"}, run_name=name)
     loop_config = {"settings": settings.model_dump_json(), "model_version": base_version, "run_id": run_id,
                    "train_rows": rows_payload(rows[0]), "val_rows": rows_payload(rows[1])}  # fmt: skip
     started = time.perf_counter()
     with tracking.finishing(settings, run_id):
         build_torch_trainer(settings, name, loop_config).fit()
     wall = time.perf_counter() - started
-    client = tracking.client(settings)
+    client = mlflow_client(settings)
 
     def steady(metric: str) -> list[float]:
         history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
@@ -88,13 +90,18 @@ def main() -> None:
     base_version = bootstrap(settings)  # idempotent: the SmolLM2 base already registered comes back
     resolve(settings, base_version)  # download once here, so a broken registry fails before Ray starts
     _, train_rows, val_rows = training_rows(
-        bench_settings(settings, args.steps, 1, args.cores), RetrainRequest(request_id="bench", reason="manual", watermark=0)
+        bench_settings(settings, args.steps, 1, args.cores),
+        RetrainRequest(request_id="bench", reason="manual", watermark=0),
     )
     connect_ray(settings)
-    runs = [measure(bench_settings(settings, args.steps, n, args.cores), base_version, (train_rows, val_rows)) for n in args.workers]
+    runs = [
+        measure(bench_settings(settings, args.steps, n, args.cores), base_version, (train_rows, val_rows))
+        for n in args.workers
+    ]
     report = {
         "benchmark": "train_cpu",
-        "model": f"{settings.mlflow.registered_model} v{base_version} (SmolLM2-135M-Instruct, LoRA r{settings.train.lora.r} all linear)",
+        "model": f"{settings.mlflow.registered_model} v{base_version} "
+                 f"(SmolLM2-135M-Instruct, LoRA r{settings.train.lora.r} all linear)",
         "precision": settings.train.precision,
         "micro_batch_size": 4,
         "max_length": 256,

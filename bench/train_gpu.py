@@ -33,8 +33,16 @@ FAST = {
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ALL_LINEAR},
 }
 FLEX_TUNED = {
-    "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
-    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3,
+    "fwd_BLOCK_M": 128,
+    "fwd_BLOCK_N": 64,
+    "fwd_num_warps": 4,
+    "fwd_num_stages": 3,
+    "bwd_BLOCK_M1": 64,
+    "bwd_BLOCK_N1": 64,
+    "bwd_BLOCK_M2": 64,
+    "bwd_BLOCK_N2": 64,
+    "bwd_num_warps": 4,
+    "bwd_num_stages": 3,
 }
 """flex_attention tiles: the fastest forward (0.52 against 0.97 ms a layer) and backward (1.97 against 2.17 ms) of
 bench/attention.py's sweep on an H100."""
@@ -44,8 +52,13 @@ at 24 rows in bench/attention.py on an H100."""
 VARIANTS: dict[str, dict] = {
     # fp32 master weights + fp16 autocast, LoRA r8 on q/v, padded batches of 8 at <= 512 tokens, full logits.
     "reference": {
-        "precision": "16-mixed", "packing": False, "micro_batch_size": 8, "max_length": 512,
-        "attn_implementation": "sdpa", "compile": False, "loss_chunk_tokens": 1 << 30,
+        "precision": "16-mixed",
+        "packing": False,
+        "micro_batch_size": 8,
+        "max_length": 512,
+        "attn_implementation": "sdpa",
+        "compile": False,
+        "loss_chunk_tokens": 1 << 30,
         "lora": {"r": 8, "alpha": 16, "target_modules": QV},
     },
     "fast": FAST,
@@ -66,37 +79,70 @@ VARIANTS: dict[str, dict] = {
     "fold_mb4": {**FAST, "micro_batch_size": 4, "fold_lora": True},
     "fold_mb16": {**FAST, "micro_batch_size": 16, "fold_lora": True},
     "fold_mb24": {**FAST, "micro_batch_size": 24, "fold_lora": True},
-    "fold_mb24_autotune": {**FAST, "micro_batch_size": 24, "fold_lora": True, "compile_mode": "max-autotune-no-cudagraphs"},
+    "fold_mb24_autotune": {
+        **FAST,
+        "micro_batch_size": 24,
+        "fold_lora": True,
+        "compile_mode": "max-autotune-no-cudagraphs",
+    },
     # Selective checkpointing: norms, RoPE and SiLU·mul recomputed in backward, GEMM and attention outputs kept.
     "fold_mb5_sel": {**FAST, "micro_batch_size": 5, "fold_lora": True, "activation_checkpointing": "selective"},
     "fold_mb6_sel": {**FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective"},
     "fold_mb16_sel": {**FAST, "micro_batch_size": 16, "fold_lora": True, "activation_checkpointing": "selective"},
     "fold_mb6_sel_autotune": {
-        **FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", "compile_mode": "max-autotune-no-cudagraphs",
+        **FAST,
+        "micro_batch_size": 6,
+        "fold_lora": True,
+        "activation_checkpointing": "selective",
+        "compile_mode": "max-autotune-no-cudagraphs",
     },
     # flex_attention with tuned tiles (FLEX_TUNED).
     "fold_mb16_flexopt": {**FAST, "micro_batch_size": 16, "fold_lora": True, "flex_kernel_options": FLEX_TUNED},
     "fold_mb24_flexopt": {**FAST, "micro_batch_size": 24, "fold_lora": True, "flex_kernel_options": FLEX_TUNED},
     "fold_mb6_sel_flexopt": {
-        **FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", "flex_kernel_options": FLEX_TUNED,
+        **FAST,
+        "micro_batch_size": 6,
+        "fold_lora": True,
+        "activation_checkpointing": "selective",
+        "flex_kernel_options": FLEX_TUNED,
     },
     "fold_mb24_flex64": {**FAST, "micro_batch_size": 24, "fold_lora": True, **FLEX_64},
-    "fold_mb6_sel_flex64": {**FAST, "micro_batch_size": 6, "fold_lora": True, "activation_checkpointing": "selective", **FLEX_64},
+    "fold_mb6_sel_flex64": {
+        **FAST,
+        "micro_batch_size": 6,
+        "fold_lora": True,
+        "activation_checkpointing": "selective",
+        **FLEX_64,
+    },
     # FlashAttention-2 per pair (torch.nn.attention.varlen) in place of flex_attention's block mask.
     "varlen_mb16": {**FAST, "micro_batch_size": 16, "attn_implementation": "varlen"},
     "varlen_mb24": {**FAST, "micro_batch_size": 24, "attn_implementation": "varlen"},
 }
 LIGER = {"fast_mb16_liger"}
-"""Variants with liger-kernel's Triton RMSNorm, SwiGLU and RoPE (``pip install liger-kernel``; the loss stays the trainer's
+"""Variants with liger-kernel's Triton RMSNorm, SwiGLU and RoPE (``pip install liger-kernel``; the loss stays the
+trainer's
 chunked CE). Measured slower than inductor's own fusions: docs/benchmarks.md."""
 SMOKE_TRAIN = {"precision": "32-true", "compile": False, "max_length": 128}
-"""--smoke settings: FlexAttention has no CPU backward, fp16 autocast no CPU kernels, so the smoke run checks plumbing only."""
+"""--smoke settings: FlexAttention has no CPU backward, fp16 autocast no CPU kernels; the smoke run checks plumbing."""
 NO_FLEX = {"attn_implementation": "sdpa", "flex_kernel_options": {}, "flex_block_size": 128}
-SMOKE = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+SMOKE = {
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 """``--smoke``: a tiny model on the CPU, fp32, no compile: checks the bench's code path without a GPU."""
 TINYLLAMA = {
-    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
 }
 
 
@@ -128,7 +174,9 @@ def build_batches(train, tokenizer_dir: Path, vocab: int, limit_rows: int | None
     pairs = load_medquad("train")[:limit_rows]
     # Another tokenizer's ids, folded into the model's vocabulary: lengths are what matter here.
     encoded = (encode_pair(tokenizer, p, train.max_length) for p in pairs)
-    examples = [Example([i % vocab for i in e.input_ids], [y if y < 0 else y % vocab for y in e.labels]) for e in encoded]
+    examples = [
+        Example([i % vocab for i in e.input_ids], [y if y < 0 else y % vocab for y in e.labels]) for e in encoded
+    ]
     total_tokens = sum(len(e.input_ids) for e in examples)
     random.Random(0).shuffle(examples)
     size = train.micro_batch_size
@@ -173,23 +221,34 @@ def run_variant(name: str, args) -> dict:
     flex = VARIANTS[name]["attn_implementation"] == "flex_attention"  # varlen runs its per-pair CPU path
     overrides = {**SMOKE_TRAIN, **(NO_FLEX if flex else {})} if args.smoke else {}
     steps = {"max_steps": args.warmup + args.steps, "warmup_steps": 2}
-    train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps})
+    train = TrainSettings.model_validate({**VARIANTS[name], **overrides, **steps, "use_gpu": not args.smoke})
     if name in LIGER:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+        apply_liger_kernel_to_llama(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
     model, matmul_params = build_model(train, args.weights, args.smoke)
     batches, epoch_tokens = build_batches(train, args.tokenizer, model.config.vocab_size, args.limit_rows)
     batches = batches[: args.warmup + args.steps]
     clock = StepClock(args.warmup, [tokens for _, tokens in batches])
     trainer = L.Trainer(
-        accelerator="cpu" if args.smoke else "gpu", devices=1, precision=train.precision, max_steps=train.max_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+        accelerator="cpu" if args.smoke else "gpu",
+        devices=1,
+        precision=train.precision,
+        max_steps=train.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
     )
     if args.profile:
         # Profiles the last 3 steps; their times are then inflated, so profile runs are reported apart.
         schedule = torch.profiler.schedule(wait=args.warmup + args.steps - 4, warmup=1, active=3)
-        activity = torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
+        activity = (
+            torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
+        )
         clock.profiler = torch.profiler.profile(schedule=schedule, activities=[activity])
         clock.profiler.start()
     trainer.fit(LoraFineTune(model, train), train_dataloaders=DataLoader([b for b, _ in batches], batch_size=None))
@@ -200,12 +259,18 @@ def run_variant(name: str, args) -> dict:
         top_kernels = clock.profiler.key_averages().table(sort_by=by, row_limit=40)
     tokens_per_s = clock.tokens / clock.seconds
     return {
-        "variant": name, "settings": train.model_dump(mode="json"), "steps_timed": args.steps,
-        "tokens_per_s": tokens_per_s, "s_per_step": clock.seconds / args.steps,
+        "variant": name,
+        "settings": train.model_dump(mode="json"),
+        "steps_timed": args.steps,
+        "tokens_per_s": tokens_per_s,
+        "s_per_step": clock.seconds / args.steps,
         "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "tflops": 4 * matmul_params * tokens_per_s / 1e12, "matmul_params": matmul_params,
-        "epoch_tokens": epoch_tokens, "projected_epoch_s": epoch_tokens / tokens_per_s,
-        "final_loss": clock.last_loss, "profile": top_kernels,
+        "tflops": 4 * matmul_params * tokens_per_s / 1e12,
+        "matmul_params": matmul_params,
+        "epoch_tokens": epoch_tokens,
+        "projected_epoch_s": epoch_tokens / tokens_per_s,
+        "final_loss": clock.last_loss,
+        "profile": top_kernels,
     }
 
 
@@ -255,11 +320,15 @@ def main() -> None:
         return
     report = {
         "card": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "bf16_matmul_peak_tflops": None if args.smoke else matmul_peak_tflops(), "variants": [],
+        "torch": torch.__version__,
+        "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "bf16_matmul_peak_tflops": None if args.smoke else matmul_peak_tflops(),
+        "variants": [],
     }
     for name in args.variants.split(","):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True, text=True)
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True, text=True
+        )
         lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         result = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": child.stderr[-3000:]}
         if "tflops" in result and report["bf16_matmul_peak_tflops"]:

@@ -58,7 +58,9 @@ class Clock(L.Callback):
     def on_train_end(self, trainer, module):
         tokens = float(trainer.strategy.reduce(torch.tensor(float(self.tokens), device=module.device), reduce_op="sum"))
         self.summary = {
-            "world_size": trainer.world_size, "steps": trainer.global_step, "timed_steps": trainer.global_step - self.warmup,
+            "world_size": trainer.world_size,
+            "steps": trainer.global_step,
+            "timed_steps": trainer.global_step - self.warmup,
             "tokens_per_s": tokens / self.seconds if self.seconds else None,
             "fit_s": time.perf_counter() - self.fit_started,
             "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -104,11 +106,18 @@ def run(workers: int, steps: int, args, settings) -> dict:
     from ray.train.torch import TorchTrainer
 
     out_file = Path(tempfile.mkdtemp()) / "summary.json"
-    config = {"settings": settings.model_dump_json(), "tokenizer": str(args.tokenizer.resolve()), "smoke": args.smoke,
-              "limit_rows": args.limit_rows, "warmup": args.warmup, "out_file": str(out_file)}
+    config = {
+        "settings": settings.model_dump_json(),
+        "tokenizer": str(args.tokenizer.resolve()),
+        "smoke": args.smoke,
+        "limit_rows": args.limit_rows,
+        "warmup": args.warmup,
+        "out_file": str(out_file),
+    }
     started = time.perf_counter()
     TorchTrainer(
-        worker, train_loop_config=config,
+        worker,
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=not args.smoke),
         run_config=RunConfig(name=f"bench-{workers}", storage_path=tempfile.mkdtemp()),
     ).fit()
@@ -120,9 +129,13 @@ def run(workers: int, steps: int, args, settings) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--one-gpu-steps", type=int, default=60, help="steps of the 1-GPU run (the 2-GPU run does an epoch)")
+    parser.add_argument(
+        "--one-gpu-steps", type=int, default=60, help="steps of the 1-GPU run (the 2-GPU run does an epoch)"
+    )
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--variant", default="fold_mb24_flex64", choices=VARIANTS, help="bench/train_gpu.py's variant to train")
+    parser.add_argument(
+        "--variant", default="fold_mb24_flex64", choices=VARIANTS, help="bench/train_gpu.py's variant to train"
+    )
     parser.add_argument("--limit-rows", type=int)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_ray_gpu.json"))
@@ -132,15 +145,28 @@ def main() -> None:
     from schemas.settings import TrainSettings, load_settings, with_overrides
 
     base = load_settings()
-    variant = {**VARIANTS[args.variant], **(SMOKE if args.smoke else {}), "use_gpu": not args.smoke, "checkpoint_every_steps": 50}
-    report = {"card": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-              "ray": ray.__version__, "variant": args.variant, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": []}
+    variant = {
+        **VARIANTS[args.variant],
+        **(SMOKE if args.smoke else {}),
+        "use_gpu": not args.smoke,
+        "checkpoint_every_steps": 50,
+    }
+    report = {
+        "card": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "variant": args.variant,
+        "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "runs": [],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # The 2-GPU epoch first, and the report written after each run: a call cut short keeps what it measured.
     for workers in (2, 1):
         train = TrainSettings.model_validate({**variant, "num_workers": workers})
         steps = epoch_steps(args.tokenizer, train, args.limit_rows, 2) if workers == 2 else args.one_gpu_steps
-        settings = with_overrides(base, {"train": {**train.model_dump(mode="json"), "max_steps": steps, "warmup_steps": 5}})
+        settings = with_overrides(
+            base, {"train": {**train.model_dump(mode="json"), "max_steps": steps, "warmup_steps": 5}}
+        )
         result = {"workers": workers, **run(workers, steps, args, settings)}
         report["runs"].append(result)
         print(json.dumps(result), flush=True)

@@ -24,8 +24,8 @@ def up_command(ctx: typer.Context) -> None:
     from rich.console import Console
 
     from deploy import stack
+    from deploy.cli_context import settings_of
     from deploy.process import ServiceError
-    from services.cli import settings_of
 
     settings = settings_of(ctx)
     console = Console()
@@ -58,8 +58,8 @@ def down_command(
     from rich.console import Console
 
     from deploy import stack
-    from deploy.services.postgres import drop_databases
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
+    from deploy.embedded.postgres import drop_databases
 
     settings, console = settings_of(ctx), Console()
     for name in stack.APP_SERVICES:
@@ -78,7 +78,7 @@ def status_command(ctx: typer.Context) -> None:
     from rich.console import Console
 
     from deploy import stack
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     statuses = stack.status(settings_of(ctx))
     _print_status(Console(), statuses)
@@ -92,8 +92,8 @@ def check_command(ctx: typer.Context) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from deploy.cli_context import settings_of
     from deploy.probe import check
-    from services.cli import settings_of
 
     logging.getLogger("kafka").setLevel(logging.WARNING)
     results = check(settings_of(ctx))
@@ -110,8 +110,8 @@ def topics_command(ctx: typer.Context) -> None:
     """Create medretrain's Kafka topics with the configured partitions (idempotent)."""
     from rich.console import Console
 
+    from deploy.cli_context import settings_of
     from deploy.clients import ensure_topics, topic_names
-    from services.cli import settings_of
 
     settings = settings_of(ctx)
     logging.getLogger("kafka").setLevel(logging.WARNING)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deploy.services import kafka, mlflow, ray
+from deploy.embedded import kafka, mlflow, ray
 from schemas.settings import Settings
 
 

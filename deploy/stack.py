@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from deploy import process
+from deploy.embedded import Service, kafka, mlflow, ray, s3
+from deploy.embedded.postgres import existing_databases
 from deploy.process import ServiceError
-from deploy.services import Service, kafka, mlflow, ray, s3
-from deploy.services.postgres import existing_databases
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)

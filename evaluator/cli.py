@@ -24,7 +24,7 @@ ActorOption = typer.Option(None, "--actor", help="Who acts (default: the login n
 
 
 def _settings(ctx: typer.Context):
-    from services.cli import settings_of
+    from deploy.cli_context import settings_of
 
     return settings_of(ctx)
 
@@ -48,12 +48,13 @@ def evaluate_command(
     ctx: typer.Context, run_id: str = typer.Option(..., "--run", help="MLflow run id of a training run")
 ) -> None:
     """Evaluate a trained adapter against the champion, record the decision and register it."""
-    from evaluator.evaluate import candidate_from_run, run
+    import evaluator
+    from evaluator.evaluate import candidate_from_run
     from evaluator.report import report_link
 
     settings = _settings(ctx)
     try:
-        verdict = run(settings, candidate_from_run(settings, run_id))
+        verdict = evaluator.run(settings, candidate_from_run(settings, run_id))
     except (LookupError, ValueError, RuntimeError) as e:
         raise _fail(e) from e
     _print_rules(verdict)
@@ -110,13 +111,13 @@ def review_command(
     samples_shown: int = typer.Option(3, "--samples", help="Sample answers shown per set"),
 ) -> None:
     """Champion vs challenger: metrics, deltas, rule verdicts, sample answers, report link."""
-    from evaluator import promotion
-    from evaluator.evaluate import read_decision
+    from deploy.registry import CHALLENGER, CHAMPION, alias_version, open_registry
+    from evaluator.decision import read_decision
     from evaluator.report import report_link
 
     settings = _settings(ctx)
-    client, name = promotion.open_registry(settings)
-    version = version or promotion.alias_version(client, name, promotion.CHALLENGER)
+    client, name = open_registry(settings)
+    version = version or alias_version(client, name, CHALLENGER)
     if version is None:
         raise _fail(LookupError(f"{name} has no challenger to review"))
     try:
@@ -124,7 +125,7 @@ def review_command(
         verdict, samples = read_decision(settings, run_id)
     except Exception as e:
         raise _fail(LookupError(f"{name} version {version} has no readable decision record: {e}")) from e
-    _print_metrics(verdict, promotion.alias_version(client, name, promotion.CHAMPION), version)
+    _print_metrics(verdict, alias_version(client, name, CHAMPION), version)
     _print_rules(verdict)
     _print_samples(samples, samples_shown)
     console.print(f"report: {report_link(settings, run_id)}")
@@ -175,10 +176,11 @@ def rollback_command(
 @registry_app.command("history")
 def history_command(ctx: typer.Context) -> None:
     """Every recorded registry action, oldest first."""
+    from deploy.registry import open_registry
     from evaluator import promotion
 
     settings = _settings(ctx)
-    client, name = promotion.open_registry(settings)
+    client, name = open_registry(settings)
     table = Table(title=f"{name}: champion history {promotion.champion_history(client, name)}")
     for column in ("at (UTC)", "version", "action", "actor", "reason"):
         table.add_column(column, overflow="fold")

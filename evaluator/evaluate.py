@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from evaluator import gate, inference, scoring
-from schemas.artifacts import Lineage, TrainedAdapter, Verdict
+from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, TrainedAdapter, Verdict
 from schemas.data import QAPair
 from schemas.settings import Settings
 
@@ -78,7 +78,7 @@ def build_eval_sets(settings: Settings, lineage: Lineage) -> list[EvalSet]:
     if not lineage.snapshot_id:
         log.warning("candidate has no snapshot: no production slice, production rules follow their on_missing")
         return sets
-    from trainer.snapshots import read_snapshot
+    from trainer.snapshot_reader import read_snapshot
 
     _, _, production = read_snapshot(settings, lineage.snapshot_id)
     if production:
@@ -176,9 +176,9 @@ def measure_champion(settings: Settings, champion, sets: Sequence[EvalSet]) -> M
     """
     import mlflow
 
-    from trainer.registry import registry_client
+    from deploy.registry import mlflow_client
 
-    client = registry_client(settings)
+    client = mlflow_client(settings)
     run_id = client.get_model_version(champion.name, champion.version).run_id
     stored = {Path(f.path).name for f in client.list_artifacts(run_id, BASELINE_CACHE_DIR)}
     parts, missing = [], []
@@ -202,10 +202,10 @@ def measure_candidate(settings: Settings, candidate: TrainedAdapter, sets: Seque
     """Download the run's adapter, put it on its base version, and measure it."""
     import mlflow
 
-    from trainer.registry import ResolvedModel, registry_client, resolve
-    from trainer.tracking import BASE_VERSION_TAG
+    from deploy.registry import BASE_VERSION_TAG, mlflow_client
+    from trainer.registry import ResolvedModel, resolve
 
-    tags = registry_client(settings).get_run(candidate.run_id).data.tags
+    tags = mlflow_client(settings).get_run(candidate.run_id).data.tags
     base_version = tags.get(BASE_VERSION_TAG)
     if not base_version:
         raise ValueError(f"run {candidate.run_id} has no {BASE_VERSION_TAG} tag: is it a medretrain training run?")
@@ -238,13 +238,14 @@ def evaluate_candidate(settings: Settings, candidate: TrainedAdapter) -> tuple[V
     Returns (verdict, samples, seconds per step: ``prepare``, ``champion``, ``candidate``). The
     candidate's measurement is cached on its run: should it become champion, no gate rescores it.
     """
+    from deploy.registry import CHAMPION
     from trainer.registry import resolve
 
     rules = gate.load_rules(settings.evaluate.gate_rules)  # a bad rules file fails before minutes of scoring
     seconds: dict[str, float] = {}
     with _stopwatch(seconds, "prepare"):
         sets = build_eval_sets(settings, candidate.lineage)
-        champion = resolve(settings, "champion")
+        champion = resolve(settings, CHAMPION)
     log.info("scoring champion (version %s) and candidate run %s", champion.version, candidate.run_id)
     with _stopwatch(seconds, "champion"):
         baseline = measure_champion(settings, champion, sets)
@@ -267,7 +268,7 @@ def sample_records(sets: Sequence[EvalSet], baseline: Measurement, candidate: Me
     return {
         s.name: [
             {"question": row.question, "reference": row.answer, "champion": champ, "candidate": cand}
-            for row, champ, cand in zip(s.sample, baseline.answers[s.name], candidate.answers[s.name])
+            for row, champ, cand in zip(s.sample, baseline.answers[s.name], candidate.answers[s.name], strict=True)
         ]
         for s in sets
     }
@@ -293,7 +294,7 @@ def record_decision(settings: Settings, verdict: Verdict, samples: dict, seconds
     """``decision.json`` and ``eval/samples.json`` artifacts, decision tags, eval metrics and step times on the run."""
     from mlflow.entities import Metric, RunTag
 
-    from trainer.registry import registry_client
+    from deploy.registry import mlflow_client
     from trainer.tracking import log_json
 
     run_id = verdict.candidate_run_id
@@ -306,63 +307,25 @@ def record_decision(settings: Settings, verdict: Verdict, samples: dict, seconds
         for key, value in values.items()
     ] + [Metric(f"eval.seconds.{step}", value, stamp, 0) for step, value in seconds.items()]
     tags = [RunTag(k, v) for k, v in decision_tags(verdict).items()]
-    registry_client(settings).log_batch(run_id, metrics=metrics, tags=tags)
+    mlflow_client(settings).log_batch(run_id, metrics=metrics, tags=tags)
 
 
-def read_decision(settings: Settings, run_id: str) -> tuple[Verdict, dict]:
-    """(verdict, sample answers) recorded on a candidate run by :func:`record_decision`."""
+def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:
+    """The trainer's TrainedAdapter, read from the finished training run's ``trained_adapter.json``."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from deploy.clients import use_mlflow
 
     use_mlflow(settings)
-    verdict = Verdict.model_validate_json(mlflow.artifacts.load_text(f"runs:/{run_id}/decision.json"))
-    return verdict, json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/eval/samples.json"))
-
-
-def candidate_from_run(settings: Settings, run_id: str) -> TrainedAdapter:
-    """Rebuild the trainer's TrainedAdapter from a finished training run (``evaluate --run``)."""
-    from trainer.registry import registry_client
-
     try:
-        run = registry_client(settings).get_run(run_id)
-    except Exception as e:
-        raise LookupError(f"no MLflow run {run_id!r} on {settings.mlflow.tracking_uri}") from e
-    tags, metrics = run.data.tags, run.data.metrics
-    if "lineage.request_id" not in tags:
-        raise ValueError(f"run {run_id} has no lineage tags: it is not a medretrain training run")
-    offsets = dict(pair.split("=", 1) for pair in tags.get("lineage.kafka_offsets", "").split(",") if pair)
-    lineage = Lineage(
-        request_id=tags["lineage.request_id"],
-        snapshot_id=tags.get("lineage.snapshot_id") or None,
-        kafka_offsets={k: int(v) for k, v in offsets.items()},
-        parent_version=tags.get("lineage.parent_version") or None,
-        base_model=tags.get("lineage.base_model", ""),
-        run_id=run_id,
-    )
-    ended = run.info.end_time or run.info.start_time
-    return TrainedAdapter(
-        run_id=run_id,
-        lineage=lineage,
-        steps=int(metrics.get("step", 0)),
-        train_loss=metrics.get("train_loss"),
-        val_loss=metrics.get("val_loss"),
-        wall_s=(ended - run.info.start_time) / 1000,
-    )
-
-
-def warm_up() -> None:
-    """Import the model and registry stack and load the text metric: a long-running service pays this once at start.
-
-    Cold, these imports take about as long as scoring a set on two CPU cores.
-    """
-    import peft  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    from evaluator import promotion, report  # noqa: F401
-    from trainer import registry  # noqa: F401
-
-    scoring.overlap_scores(["warm up"], ["warm up"])
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINED_ADAPTER_FILE}")
+    except MlflowException as e:
+        raise LookupError(
+            f"run {run_id!r} on {settings.mlflow.tracking_uri} has no {TRAINED_ADAPTER_FILE}: "
+            "it is not a finished medretrain training run"
+        ) from e
+    return TrainedAdapter.model_validate_json(text)
 
 
 def run(settings: Settings, candidate: TrainedAdapter) -> Verdict:

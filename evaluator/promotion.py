@@ -16,32 +16,24 @@ import logging
 import tempfile
 from pathlib import Path
 
+from deploy.registry import BASE_VERSION_TAG, CHALLENGER, CHAMPION, RUN_VERSION_TAG, alias_version, open_registry
 from schemas.artifacts import RegistryAction, Verdict
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "medretrain.champion_history"
 """Registered-model tag: JSON list of the versions that were champion, oldest first."""
 HISTORY_KEEP = 200
 """Champion history entries kept (a registered-model tag value holds about 5,000 characters)."""
 ACTION_TAG = "medretrain.action."
 REASON_MAX_CHARS = 2000
-RUN_VERSION_TAG = "medretrain.model_version"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 class RegistryError(RuntimeError):
     """A registry action that must not happen (missing version, failed gate without force, broken artifacts)."""
-
-
-def open_registry(settings: Settings):
-    """(MlflowClient, registered model name) of the configured registry."""
-    from trainer.registry import registry_client
-
-    return registry_client(settings), settings.mlflow.registered_model
 
 
 def _version(client, name: str, version: str):
@@ -53,11 +45,6 @@ def _version(client, name: str, version: str):
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise  # an outage is not a missing version: the caller may retry
         raise RegistryError(f"registered model {name!r} has no version {version!r}") from e
-
-
-def alias_version(client, name: str, alias: str) -> str | None:
-    """The version an alias points at, or None."""
-    return client.get_registered_model(name).aliases.get(alias)
 
 
 def record_action(client, name: str, action: RegistryAction) -> None:
@@ -112,8 +99,6 @@ def _set_champion(client, name: str, version: str, history: list[str]) -> None:
 
 def version_tags(verdict: Verdict, run_tags: dict[str, str]) -> dict[str, str]:
     """Tags of a candidate's model version: lineage, decision, and the candidate's metrics."""
-    from trainer.tracking import BASE_VERSION_TAG
-
     lineage = {k: v for k, v in run_tags.items() if k.startswith("lineage.")}
     failed = [r.name for r in verdict.rules if not r.passed]
     return {

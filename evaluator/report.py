@@ -51,7 +51,7 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) ->
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in history.items():
         if points:
-            steps, values = zip(*sorted(points))
+            steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker="." if len(points) < 50 else None, label=name)
     if any(history.values()):
         ax.legend(loc="upper right")
@@ -68,7 +68,7 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) ->
 def plot_answer_lengths(samples: dict[str, list[dict]], path: Path) -> Path:
     """Word counts of reference, champion and candidate answers, one panel per set."""
     fig, axes = plt.subplots(1, max(len(samples), 1), figsize=(6 * max(len(samples), 1), 4), squeeze=False)
-    for ax, (set_name, rows) in zip(axes[0], sorted(samples.items())):
+    for ax, (set_name, rows) in zip(axes[0], sorted(samples.items()), strict=False):
         for who in ("reference", "champion", "candidate"):
             ax.hist([len(r[who].split()) for r in rows], bins=20, alpha=0.5, label=who)
         ax.set_title(f"answer length (words): {set_name}")
@@ -145,17 +145,17 @@ def loss_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 def report_link(settings: Settings, run_id: str) -> str:
     """Where a person opens the report: the run's artifact page in the MLflow UI."""
-    from trainer.registry import registry_client
+    from deploy.registry import mlflow_client
 
-    experiment = registry_client(settings).get_run(run_id).info.experiment_id
+    experiment = mlflow_client(settings).get_run(run_id).info.experiment_id
     return f"{settings.mlflow.tracking_uri}/#/experiments/{experiment}/runs/{run_id}/artifacts/{REPORT_DIR}/report.html"
 
 
 def log_report(settings: Settings, verdict: Verdict, samples: dict[str, list[dict]]) -> str:
     """Build the report and log it to the candidate run; returns its link."""
-    from trainer.registry import registry_client
+    from deploy.registry import mlflow_client
 
-    client = registry_client(settings)
+    client = mlflow_client(settings)
     with tempfile.TemporaryDirectory(prefix="medretrain-report-") as tmp:
         build_report(Path(tmp), verdict, samples, loss_history(client, verdict.candidate_run_id))
         client.log_artifacts(verdict.candidate_run_id, tmp, artifact_path=REPORT_DIR)

@@ -52,7 +52,7 @@ def is_degenerate(text: str) -> bool:
         return True
     if len(words) < REPETITION_MIN_WORDS:
         return False
-    trigrams = list(zip(words, words[1:], words[2:]))
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
     return len(set(trigrams)) / len(trigrams) < REPETITION_MIN_DISTINCT
 
 

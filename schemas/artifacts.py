@@ -64,6 +64,10 @@ class Lineage(Contract):
         }
 
 
+TRAINED_ADAPTER_FILE = "trained_adapter.json"
+"""Artifact at a finished training run's root: its :class:`TrainedAdapter`, the evaluator's input."""
+
+
 class TrainedAdapter(Contract):
     """What the trainer hands to the evaluator: a finished MLflow run holding a PEFT adapter."""
 

@@ -14,6 +14,11 @@ SNAPSHOT_FILES = ("train.jsonl", "eval.jsonl")
 """A snapshot folder ``s3://<datasets bucket>/datasets/<snapshot_id>/`` holds these, then ``manifest.json`` last."""
 
 
+def snapshot_prefix(snapshot_id: str) -> str:
+    """The key prefix of a snapshot folder in the datasets bucket (written by the trigger, read by the trainer)."""
+    return f"datasets/{snapshot_id}/"
+
+
 class QAPair(Contract):
     """One question-answer pair as the trainer and evaluator read it."""
 

@@ -11,7 +11,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+def describe_errors(error: ValidationError, whole: str = "record") -> str:
+    """Every problem of a validation error on one line: ``field.path: message; ...`` (``whole`` names an empty path)."""
+    return "; ".join(f"{'.'.join(map(str, p['loc'])) or whole}: {p['msg']}" for p in error.errors())
+
 
 MAX_QUESTION_CHARS = 4_000
 MAX_ANSWER_CHARS = 20_000

@@ -37,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args()
-    stale = [name for name, text in rendered().items() if not (OUT / name).is_file() or (OUT / name).read_text() != text]
+    stale = [
+        name for name, text in rendered().items() if not (OUT / name).is_file() or (OUT / name).read_text() != text
+    ]
     if args.check:
         if stale:
             sys.exit(f"stale JSON Schema files (run python -m schemas.export): {stale}")

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.events import describe_errors
+
 Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 
 
@@ -147,7 +149,7 @@ class TrainSettings(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     precision: Precision = "32-true"
-    """bf16-true on GPUs; CPUs here train fastest in fp32."""
+    """bf16-true on GPUs; CPUs here train fastest in fp32; 16-mixed (fp16 autocast) needs a GPU."""
     lr: float = Field(5e-4, gt=0)
     """Found by the Tune search of docs/quality.md (SmolLM2-135M on MedQuAD, LoRA r16/alpha 32)."""
     warmup_steps: int = Field(10, ge=0)
@@ -175,7 +177,9 @@ class TrainSettings(_Section):
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """max-autotune times Triton GEMM templates (which can absorb neighbouring elementwise ops) against cuBLAS."""
     fold_lora: bool = False
-    """LoRA's products inside the frozen GEMMs, no extra activation-sized passes (trainer/fold_lora.py); needs lora.dropout=0."""
+    """LoRA's products inside the frozen GEMMs, no extra activation-sized passes (trainer/fold_lora.py).
+
+    Needs lora.dropout=0."""
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     """Recompute in backward instead of saving: ``full`` recomputes each decoder layer (least memory, ~30% more
     compute); ``selective`` keeps GEMM and attention outputs and recomputes only norms, RoPE, SiLU·mul and adds."""
@@ -207,23 +211,42 @@ class TrainSettings(_Section):
     def _speed_switches_fit(self) -> TrainSettings:
         problems = []
         if self.flex_kernel_options and self.attn_implementation != "flex_attention":
-            problems.append(f"flex_kernel_options need attn_implementation=flex_attention, got {self.attn_implementation}")
+            problems.append(
+                f"flex_kernel_options need attn_implementation=flex_attention, got {self.attn_implementation}"
+            )
         if self.flex_kernel_options and self.compile_mode != "default":
-            # Max-autotune picks flex's tiles itself; with fixed ones the whole model hit an illegal memory access (H100).
-            problems.append(f"flex_kernel_options need compile_mode=default (max-autotune tunes flex's tiles itself), got {self.compile_mode}")
+            # Max-autotune picks flex's tiles itself; with fixed ones the whole model hit an illegal memory access
+            # (H100).
+            problems.append(
+                "flex_kernel_options need compile_mode=default (max-autotune tunes flex's tiles itself), "
+                f"got {self.compile_mode}"
+            )
         if FLEX_BLOCK % self.flex_block_size:
             problems.append(f"flex_block_size must divide {FLEX_BLOCK}, got {self.flex_block_size}")
         if self.flex_block_size != FLEX_BLOCK and self.attn_implementation != "flex_attention":
             problems.append(f"flex_block_size needs attn_implementation=flex_attention, got {self.attn_implementation}")
         if misfit := {k: v for k, v in self.flex_kernel_options.items() if "BLOCK_" in k and self.flex_block_size % v}:
-            problems.append(f"flex_kernel_options tiles must divide flex_block_size={self.flex_block_size}, got {misfit}")
+            problems.append(
+                f"flex_kernel_options tiles must divide flex_block_size={self.flex_block_size}, got {misfit}"
+            )
         if self.packing and self.attn_implementation == "flex_attention" and self.max_length % FLEX_BLOCK:
             # flex_attention reads past a partial last block (pytorch#159247): wrong values, at random.
-            problems.append(f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, got max_length={self.max_length}")
+            problems.append(
+                f"packed rows for flex_attention must be whole {FLEX_BLOCK}-token blocks, "
+                f"got max_length={self.max_length}"
+            )
         if self.attn_implementation == "varlen" and not self.packing:
             problems.append("attn_implementation=varlen needs packed rows (train.packing=true)")
         if self.attn_implementation == "varlen" and self.use_gpu and self.precision == "32-true":
-            problems.append("attn_implementation=varlen on a GPU needs bf16 or fp16 (FlashAttention has no fp32 kernel)")
+            problems.append(
+                "attn_implementation=varlen on a GPU needs bf16 or fp16 (FlashAttention has no fp32 kernel)"
+            )
+        if self.precision == "16-mixed" and not self.use_gpu:
+            # Lightning would quietly train in bf16-mixed instead, and the run's params would name the wrong precision.
+            problems.append(
+                "precision=16-mixed (fp16) needs a GPU: set train.use_gpu=true, "
+                "or on the CPU use bf16-mixed or bf16-true"
+            )
         if self.fold_lora and (self.lora.dropout or self.precision.endswith("-mixed")):
             # Dropout would need its own mask per layer; autocast does not reach a custom backward.
             problems.append("fold_lora needs lora.dropout=0 and a -true precision (bf16-true, 32-true)")
@@ -259,7 +282,7 @@ class OrchestratorSettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
     """Longest wait for a request on the topic between two looks at the running job."""
     max_step_s: float = Field(3600.0, gt=0)
-    """Longest expected gap between two consumer polls (an evaluation runs in between)."""
+    """Longest expected gap between two consumer polls (the Kafka max poll interval of the orchestrator)."""
 
 
 class EvalSettings(_Section):
@@ -343,7 +366,9 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -355,8 +380,7 @@ def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> Settings:
             return from_env
         return Settings.model_validate(_merge(from_env.model_dump(), parse_overrides(overrides)))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"invalid settings: {problems}") from e
+        raise ValueError(f"invalid settings: {describe_errors(e, whole='settings')}") from e
 
 
 def with_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:

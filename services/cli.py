@@ -4,7 +4,7 @@
     medretrain --set trigger.threshold=500 stack up
 
 Each stage registers its own commands (``register(app)`` in ``deploy/cli.py``,
-``trainer/cli.py``, ``evaluator/cli.py``, ``services/*_cli.py``); heavy imports stay
+``trainer/cli.py``, ``evaluator/cli.py``, ``services/<stage>/cli.py``); heavy imports stay
 inside the commands so ``--help`` is instant.
 """
 
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from schemas.settings import Settings, load_settings
+from schemas.settings import load_settings
 
 console = Console()
 
@@ -26,15 +26,10 @@ COMMAND_MODULES = (
     "trainer.cli",
     "trainer.assets_cli",
     "evaluator.cli",
-    "services.stream_cli",
-    "services.loop_cli",
-    "services.drift_cli",
+    "services.stream.cli",
+    "services.loop.cli",
+    "services.trigger.cli",
 )
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    """The Settings built by the root callback (env + ``--set`` overrides)."""
-    return ctx.find_root().obj
 
 
 def _root(

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     func,
+    inspect,
     make_url,
     select,
     text,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 # SQLite only auto-increments an INTEGER primary key; everywhere else row ids are 64-bit.
 RowId = BigInteger().with_variant(Integer, "sqlite")
 
-IN_FLIGHT_STATES = ("requested", "started")
+IN_FLIGHT_STATES = ("requested", "started", "evaluating")
 """States of a retrain request that block another automatic request (the orchestrator moves rows out of them)."""
 
 
@@ -105,6 +106,8 @@ class RetrainRequestRow(Base):
     request_json: Mapped[dict[str, Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(20), index=True)
     ray_job_id: Mapped[str | None] = mapped_column(String(200))
+    """The current attempt's training job; ``gate_job_id`` is its gate job (state ``evaluating``)."""
+    gate_job_id: Mapped[str | None] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(200))
     model_version: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -150,9 +153,20 @@ def make_engine(settings: Settings) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+ADDED_COLUMNS = {"retrain_requests": {"gate_job_id": "VARCHAR(200)"}}
+"""Columns added after a table first shipped: create_all leaves existing tables as they are."""
+
+
 def create_schema(engine: Engine) -> None:
-    """Create missing tables (idempotent)."""
+    """Create missing tables and add missing columns (idempotent, also on a database made by an older release)."""
     Base.metadata.create_all(engine)
+    tables = inspect(engine)
+    with engine.begin() as conn:
+        for table, columns in ADDED_COLUMNS.items():
+            present = {c["name"] for c in tables.get_columns(table)}
+            for name, sql_type in columns.items():
+                if name not in present:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
 
 
 # One fixed statement per batch on PostgreSQL, with the rows as one JSON parameter: a multi-row VALUES list

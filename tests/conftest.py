@@ -73,8 +73,8 @@ def stack() -> Settings:
     and never with MEDRETRAIN_TEST_KEEP_STACK=1.
     """
     from deploy import stack as embedded
-    from deploy.services import s3
-    from deploy.services.postgres import drop_databases
+    from deploy.embedded import s3
+    from deploy.embedded.postgres import drop_databases
 
     settings = load_settings()
     if not s3.server_dir(settings).exists():

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli import settings_of
+from deploy.cli_context import settings_of
 
 console = Console()
 data_app = typer.Typer(help="The shipped MedQuAD dataset.", no_args_is_help=True)

@@ -97,7 +97,9 @@ def collate(items: Sequence[tuple[int, Example]], pad_id: int) -> dict[str, torc
             "num_tokens": attention_mask.sum()}
 
 
-def pack_items(items: Sequence[tuple[int, Example]], row_len: int, pad_id: int) -> list[tuple[tuple[int, ...], PackedRow]]:
+def pack_items(
+    items: Sequence[tuple[int, Example]], row_len: int, pad_id: int
+) -> list[tuple[tuple[int, ...], PackedRow]]:
     """Encoded (row id, example) pairs packed into fixed-length rows, each with the row ids it holds."""
     rows = pack_examples([e for _, e in items], row_len, pad_id)
     return [(tuple(items[m][0] for m in row.members), row) for row in rows]

@@ -2,7 +2,7 @@
 
 flex_attention computes every (query block, key block) tile its block mask lists and masks inside the
 partial ones. MedQuAD's pairs average ~340 tokens in 2048-token rows, so with 128-token blocks it
-computes ~58% more than the pairs' causal area, with 64-token blocks ~28% (docs/benchmarks.md, run 9).
+computes ~58% more than the pairs' causal area, with 64-token blocks ~28% (docs/perf-log.md, run 9).
 transformers builds the mask at flex's default size; ``use_flex_block_size`` makes it rebuild the
 mask at the configured size, and makes inductor's backward heuristic offer tiles that fit it.
 """
@@ -41,7 +41,14 @@ def _reblocked_mask(*args, block: int, **kwargs) -> BlockMask:
     mask = flex_attention_mask(*args, **kwargs)
     q_len, kv_len = mask.seq_lengths
     return create_block_mask(
-        mask.mask_mod, mask.shape[0], None, q_len, kv_len, device=mask.kv_num_blocks.device, BLOCK_SIZE=block, _compile=True
+        mask.mask_mod,
+        mask.shape[0],
+        None,
+        q_len,
+        kv_len,
+        device=mask.kv_num_blocks.device,
+        BLOCK_SIZE=block,
+        _compile=True,
     )
 
 
@@ -56,10 +63,18 @@ class _TilesWithinBlocks(InductorChoices):
         super().__init__()
         self.block = block
 
-    def get_flex_attention_bwd_configs(self, head_dim: int, dtype: torch.dtype, device_type: str | None = "cuda") -> list:
+    def get_flex_attention_bwd_configs(
+        self, head_dim: int, dtype: torch.dtype, device_type: str | None = "cuda"
+    ) -> list:
         fit = partial(min, self.block)
         return [
-            dataclasses.replace(c, block_m1=fit(c.block_m1), block_n1=fit(c.block_n1), block_m2=fit(c.block_m2), block_n2=fit(c.block_n2))
+            dataclasses.replace(
+                c,
+                block_m1=fit(c.block_m1),
+                block_n1=fit(c.block_n1),
+                block_m2=fit(c.block_m2),
+                block_n2=fit(c.block_n2),
+            )
             for c in super().get_flex_attention_bwd_configs(head_dim, dtype, device_type)
         ]
 

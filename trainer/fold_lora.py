@@ -82,7 +82,7 @@ class _FoldedLora(torch.autograd.Function):
 
 
 class _SharedInput:
-    """Layers that read one input: the first called computes all, the others take their share if given the same tensor."""
+    """Layers that read one input: the first called computes all, the others take their share given the same tensor."""
 
     def __init__(self, layers: list[LoraLinear]):
         self.layers = layers

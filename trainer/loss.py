@@ -22,7 +22,9 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], flex_kernel_options: dict | None = None) -> torch.Tensor:
+def decoder_hidden(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], flex_kernel_options: dict | None = None
+) -> torch.Tensor:
     """Last hidden states of the decoder stack (LoRA layers included), without the LM head.
 
     ``flex_kernel_options`` reach flex_attention's kernels when the model attends with it.
@@ -55,7 +57,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ head^T`` against ``targets``, chunk by chunk; gradients taken in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
         loss_and_grad = _compiled_loss_and_grad if hidden.is_cuda else _logits_loss_and_grad
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         # LoRA leaves the head frozen; a trained head (full fine-tuning) gets its gradient too.
@@ -101,7 +105,10 @@ def chunked_answer_loss(
 
 
 def answer_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096, flex_kernel_options: dict | None = None
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_tokens: int = 4096,
+    flex_kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over answer tokens of a (padded or packed) batch."""
     hidden = decoder_hidden(model, batch, flex_kernel_options)

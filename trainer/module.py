@@ -5,7 +5,8 @@ Runs the same inside a Ray worker or plainly::
 
     module = LoraFineTune(peft_model, settings.train)
     data = RankData(train_rows, val_rows, tokenizer, settings.train)
-    lightning.Trainer(max_steps=..., reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False).fit(module, data)
+    trainer = lightning.Trainer(max_steps=..., reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False)
+    trainer.fit(module, data)
 
 One Lightning "epoch" is ``checkpoint_every_steps`` optimizer steps, so checkpoints fall on epoch
 ends, where Lightning resumes cleanly, and the next epoch's data starts at the position the
@@ -72,7 +73,9 @@ class LoraFineTune(L.LightningModule):
         if not params:
             raise ValueError("the model has no trainable parameters: attach a trainable LoRA adapter first")
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.cfg.warmup_steps, self.cfg.max_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.cfg.warmup_steps, self.cfg.max_steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -111,7 +114,9 @@ class RankData(L.LightningDataModule):
         start = self.position()
         resumed, self.resumed_from = self.resumed_from, None
         if resumed is not None and resumed["position"] != start:
-            raise RuntimeError(f"checkpoint data position {resumed['position']} disagrees with its step ({start} micro-batches)")
+            raise RuntimeError(
+                f"checkpoint data position {resumed['position']} disagrees with its step ({start} micro-batches)"
+            )
         per_epoch = self.cfg.checkpoint_every_steps * self.cfg.gradient_accum
         remaining = max(0, self.cfg.max_steps * self.cfg.gradient_accum - start)
         sampler = StepBatchSampler(
@@ -126,7 +131,10 @@ class RankData(L.LightningDataModule):
         return DataLoader(self.train_items, batch_sampler=sampler, collate_fn=self._train_collate())
 
     def val_dataloader(self) -> DataLoader:
-        shard = [self.val_items[i] for i in eval_shard(len(self.val_items), self.trainer.global_rank, self.trainer.world_size)]
+        shard = [
+            self.val_items[i]
+            for i in eval_shard(len(self.val_items), self.trainer.global_rank, self.trainer.world_size)
+        ]
         if self.cfg.packing:
             # Full batches only: a compiled model would recompile for a short last batch (a minute on a GPU).
             blank = ((), blank_row(self.cfg.max_length, self.tokenizer.pad_token_id))
@@ -145,5 +153,7 @@ class RankData(L.LightningDataModule):
         now = {"world_size": self.trainer.world_size, "rows": len(self.train_rows), "seed": self.cfg.seed}
         changed = {k: (state[k], v) for k, v in now.items() if state.get(k) != v}
         if changed:
-            log.warning("resuming with a different data layout %s: the data order will not match the first attempt", changed)
+            log.warning(
+                "resuming with a different data layout %s: the data order will not match the first attempt", changed
+            )
         self.resumed_from = dict(state)

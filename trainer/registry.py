@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deploy.clients import use_mlflow
+from deploy.registry import CHAMPION, KIND_ADAPTER, KIND_BASE, mlflow_client
 from schemas.settings import Settings
 from trainer.model import convert_gguf, gguf_origin, load_adapter, load_base
 
@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-BASE, ADAPTER = "base", "adapter"
-ARTIFACT_PATHS = {BASE: "model", ADAPTER: "adapter"}
+ARTIFACT_PATHS = {KIND_BASE: "model", KIND_ADAPTER: "adapter"}
 """Artifact path inside the version's run, by ``kind`` tag."""
 
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt")
@@ -54,13 +52,6 @@ class ResolvedModel:
     base_dir: Path
     adapter_dir: Path | None
     origin: str
-
-
-def registry_client(settings: Settings) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    use_mlflow(settings)
-    return MlflowClient(tracking_uri=settings.mlflow.tracking_uri, registry_uri=settings.mlflow.tracking_uri)
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -86,7 +77,7 @@ def model_files(model_dir: Path) -> list[Path]:
 def find_base_version(client: MlflowClient, name: str, origin: str) -> str | None:
     """The oldest base version of ``name`` registered from ``origin``, if any."""
     versions = client.search_model_versions(f"name = '{name}'")
-    same = [v.version for v in versions if v.tags.get("kind") == BASE and v.tags.get("origin") == origin]
+    same = [v.version for v in versions if v.tags.get("kind") == KIND_BASE and v.tags.get("origin") == origin]
     return min(same, key=int) if same else None
 
 
@@ -97,10 +88,10 @@ def _log_base_run(settings: Settings, model_dir: Path, origin: str) -> str:
     files = model_files(model_dir)
     mlflow.set_experiment(settings.mlflow.experiment)
     with mlflow.start_run(run_name=f"base-{settings.mlflow.registered_model}") as run:
-        mlflow.set_tags({"kind": BASE, "origin": origin})
+        mlflow.set_tags({"kind": KIND_BASE, "origin": origin})
         mlflow.log_param("weights_bytes", sum(f.stat().st_size for f in files if f.suffix == ".safetensors"))
         for path in files:
-            mlflow.log_artifact(str(path), artifact_path=ARTIFACT_PATHS[BASE])
+            mlflow.log_artifact(str(path), artifact_path=ARTIFACT_PATHS[KIND_BASE])
         return run.info.run_id
 
 
@@ -113,7 +104,10 @@ def _register_base(client: MlflowClient, name: str, run_id: str, origin: str) ->
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        name, source=f"runs:/{run_id}/{ARTIFACT_PATHS[BASE]}", run_id=run_id, tags={"kind": BASE, "origin": origin}
+        name,
+        source=f"runs:/{run_id}/{ARTIFACT_PATHS[KIND_BASE]}",
+        run_id=run_id,
+        tags={"kind": KIND_BASE, "origin": origin},
     ).version
     if CHAMPION not in client.get_registered_model(name).aliases:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -130,7 +124,7 @@ def bootstrap(settings: Settings, from_path: Path | None = None) -> str:
     if from_path:
         model_files(from_path)  # fail before touching the registry
     origin = f"path:{from_path}" if from_path else gguf_origin()
-    client = registry_client(settings)
+    client = mlflow_client(settings)
     existing = find_base_version(client, name, origin)
     if existing:
         logger.info("%s version %s already holds %s", name, existing, origin)
@@ -145,7 +139,7 @@ def bootstrap(settings: Settings, from_path: Path | None = None) -> str:
 
 def aliases_of(settings: Settings, version: str) -> list[str]:
     """Aliases that point at ``version`` of the configured registered model."""
-    aliases = registry_client(settings).get_registered_model(settings.mlflow.registered_model).aliases
+    aliases = mlflow_client(settings).get_registered_model(settings.mlflow.registered_model).aliases
     return sorted(alias for alias, target in aliases.items() if str(target) == str(version))
 
 
@@ -195,10 +189,10 @@ def _download_version(settings: Settings, version: ModelVersion) -> Path:
 
 def resolve(settings: Settings, ref: str = CHAMPION) -> ResolvedModel:
     """A registered version (alias or number) with its base, and adapter if any, downloaded locally."""
-    client = registry_client(settings)
+    client = mlflow_client(settings)
     name = settings.mlflow.registered_model
     version = _model_version(client, name, ref)
-    if version.tags.get("kind") == BASE:
+    if version.tags.get("kind") == KIND_BASE:
         base, adapter_dir = version, None
     else:
         base_ref = version.tags.get("base_version")

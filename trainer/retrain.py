@@ -1,7 +1,9 @@
 """Retrain entry: Ray Train + Lightning DDP LoRA fine-tuning from the registry's champion.
 
-    ray job submit --runtime-env deploy/ray_runtime.json -- python -m trainer.retrain --request <id or JSON>
-    medretrain train --reason manual                      # locally, against the stack's Ray head
+    ray job submit --runtime-env deploy/ray_runtime.json -- python -m trainer.retrain --request '<RetrainRequest JSON>'
+    medretrain train --request <id> | --reason manual       # locally, against the stack's Ray head
+
+The finished run holds ``trained_adapter.json`` (the :class:`TrainedAdapter` the evaluator reads).
 
 Model lineage: every registered version is base weights (a version of kind ``base``) plus a LoRA
 adapter. A retrain loads the champion's base and keeps training the champion's adapter (or a fresh
@@ -30,27 +32,21 @@ from typing import Any
 
 import lightning as L
 
+import trainer
 from deploy.clients import pyarrow_s3
-from schemas.artifacts import Lineage, SnapshotManifest, TrainedAdapter
+from deploy.registry import BASE_VERSION_TAG, CHAMPION, KIND_TAG, REQUEST_TAG
+from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, SnapshotManifest, TrainedAdapter
 from schemas.data import QAPair
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, load_settings, with_overrides
 from trainer import tracking
+from trainer.callbacks import RowsSeen, StepMetrics, upload_adapter
 from trainer.data import mix_rows, sample_replay, steps_for_epochs, training_items
 
 log = logging.getLogger(__name__)
 
 LORA_SHAPE = ("r", "alpha", "target_modules")
 """LoRA settings fixed by an existing adapter (dropout may change between retrains)."""
-
-
-def parse_request(settings: Settings, value: str) -> RetrainRequest:
-    """A RetrainRequest given as JSON, or the id of one stored by the trigger."""
-    if value.lstrip().startswith("{"):
-        return RetrainRequest.model_validate_json(value)
-    from services.store import load_request
-
-    return load_request(settings, value)
 
 
 def effective_settings(settings: Settings, request: RetrainRequest) -> Settings:
@@ -86,7 +82,7 @@ def training_rows(
 ) -> tuple[SnapshotManifest | None, list[QAPair], list[QAPair]]:
     """(manifest, train rows = snapshot + MedQuAD replay, validation rows from MedQuAD), all seeded."""
     from trainer.medquad import load_medquad
-    from trainer.snapshots import read_snapshot
+    from trainer.snapshot_reader import read_snapshot
 
     cfg = settings.train
     manifest, new_rows = None, []
@@ -152,8 +148,8 @@ def build_lightning_trainer(
     cfg = settings.train
     callbacks: list[L.Callback] = [
         RayTrainReportCallback(),
-        tracking.StepMetrics(settings, run_id),
-        tracking.RowsSeen(settings, run_id),
+        StepMetrics(settings, run_id),
+        RowsSeen(settings, run_id),
         *extra_callbacks,
     ]
     if cfg.fault_at_step and first_attempt:
@@ -215,7 +211,7 @@ def train_func(config: dict[str, Any]) -> None:
         ckpt_path = os.path.join(ckpt_dir, RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_dir else None
         trainer.fit(LoraFineTune(model, settings.train), datamodule=data, ckpt_path=ckpt_path)
     if trainer.is_global_zero and config["run_id"]:
-        tracking.upload_adapter(settings, config["run_id"], model, tokenizer)
+        upload_adapter(settings, config["run_id"], model, tokenizer)
 
 
 def worker_resources(cfg) -> dict[str, float]:
@@ -261,7 +257,7 @@ def start_model(settings: Settings, request: RetrainRequest, run_id: str | None)
     from trainer.registry import resolve
 
     pinned = tracking.run_param(settings, run_id, "parent_version") if run_id else None
-    parent = resolve(settings, pinned or "champion")
+    parent = resolve(settings, pinned or CHAMPION)
     if parent.adapter_dir is not None:
         adapter = adapter_lora(parent.adapter_dir)
         check_lora_shape(request, adapter)
@@ -273,7 +269,7 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
     """Train one request to completion (or resume it) and return the finished MLflow run's adapter."""
     started = time.monotonic()
     settings = effective_settings(settings, request)
-    run_id = tracking.find_run(settings, tracking.REQUEST_TAG, request.request_id, kind="retrain")
+    run_id = tracking.find_run(settings, REQUEST_TAG, request.request_id, kind="retrain")
     settings, parent = start_model(settings, request, run_id)
     manifest, train_rows, val_rows = training_rows(settings, request)
     if settings.train.epochs is not None:
@@ -285,8 +281,8 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
         parent_version=parent.version,
         base_model=parent.origin,
     )
-    tags = {**lineage.as_tags(), tracking.REQUEST_TAG: request.request_id, tracking.BASE_VERSION_TAG: parent.base_version}
-    run_id = tracking.start_or_resume(settings, run_id, {**tags, tracking.KIND_TAG: "retrain"}, request.request_id)
+    tags = {**lineage.as_tags(), REQUEST_TAG: request.request_id, BASE_VERSION_TAG: parent.base_version}
+    run_id = tracking.start_or_resume(settings, run_id, {**tags, KIND_TAG: "retrain"}, request.request_id)
     lineage = lineage.model_copy(update={"run_id": run_id})
     tracking.log_params(settings, run_id, run_params(settings, request, parent))
     resolved_config = {"train": settings.train.model_dump(mode="json"), "request": request.model_dump(mode="json")}
@@ -310,18 +306,20 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
         val_loss=metrics.get("val_loss"),
         wall_s=time.monotonic() - started,
     )
+    tracking.log_text(settings, run_id, TRAINED_ADAPTER_FILE, adapter.model_dump_json(indent=2))
     log.info("request %s trained: run %s, %d steps", request.request_id, run_id, adapter.steps)
     return adapter
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.retrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--request", required=True, help="RetrainRequest JSON, or the id of a stored request")
+    # JSON only: a worker never opens the service store (ids are resolved by `medretrain train` before submission).
+    parser.add_argument("--request", required=True, help="RetrainRequest JSON")
     parser.add_argument("--set", action="append", default=[], help="settings override section.field=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(args.set)
-    adapter = run(settings, parse_request(settings, args.request))
+    request = RetrainRequest.model_validate_json(args.request)
+    adapter = trainer.run(load_settings(args.set), request)
     log.info("trained adapter: %s", adapter.model_dump_json())
 
 

@@ -27,7 +27,11 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 def store_rope_tables(model: torch.nn.Module) -> int:
     """Route every rotary-embedding module's (cos, sin) through ``stored``; returns how many modules."""
-    rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding") and not hasattr(m, "unstored_forward")]
+    rotary = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RotaryEmbedding") and not hasattr(m, "unstored_forward")
+    ]
     for module in rotary:
         module.unstored_forward = module.forward
         module.forward = functools.partial(_stored_tables, module.unstored_forward)

@@ -20,10 +20,17 @@ from trainer.rope import store_rope_tables
 
 
 def apply_speed_settings(model: torch.nn.Module, train: TrainSettings) -> torch.nn.Module:
-    """Attention kernel (its flex options checked, its mask blocks set), folded LoRA, activation checkpointing and torch.compile of the decoder (RoPE tables stored once), as configured."""
-    unknown = {k for k in train.flex_kernel_options if k.removeprefix("fwd_").removeprefix("bwd_") not in FlexKernelOptions.__annotations__}
+    """Attention kernel (its flex options checked, its mask blocks set), folded LoRA, activation checkpointing and
+    torch.compile of the decoder (RoPE tables stored once), as configured."""
+    unknown = {
+        k
+        for k in train.flex_kernel_options
+        if k.removeprefix("fwd_").removeprefix("bwd_") not in FlexKernelOptions.__annotations__
+    }
     if unknown:
-        raise ValueError(f"train.flex_kernel_options: {sorted(unknown)} are not flex_attention kernel options (FlexKernelOptions)")
+        raise ValueError(
+            f"train.flex_kernel_options: {sorted(unknown)} are not flex_attention kernel options (FlexKernelOptions)"
+        )
     lm = causal_lm(model)
     lm.set_attn_implementation(train.attn_implementation)
     use_flex_block_size(train.flex_block_size)
@@ -49,7 +56,7 @@ _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.a
 
 
 def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing: what a GEMM or an attention kernel made is kept; cheap memory-bound ops are recomputed."""
+    """Selective checkpointing: what a GEMM or an attention kernel made is kept, cheap memory-bound ops recomputed."""
     # Attention ops differ by kernel and torch version (flex_attention, sdpa's, torch_attn::_varlen_attn).
     name = str(op)
     keep = op in _MATMULS or "attention" in name or "attn" in name

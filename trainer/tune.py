@@ -1,4 +1,4 @@
-"""Ray Tune ASHA over lr, LoRA rank/alpha, micro batch size (and epochs); each trial is a Ray Train run and an MLflow child run.
+"""Ray Tune ASHA over lr, LoRA rank/alpha, micro batch size (and epochs); a trial is a Ray Train run + MLflow child run.
 
     medretrain tune --samples 8 [--snapshot SNAP_ID] [--out .medretrain/tuned/best_train.json]
     medretrain --set train.tuned_config=.medretrain/tuned/best_train.json train --reason manual
@@ -20,10 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from deploy.clients import pyarrow_s3
+from deploy.registry import CHAMPION, KIND_TAG
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, with_overrides
 from trainer import tracking
-from trainer.retrain import build_torch_trainer, connect_ray, count_items, rows_payload, steps_from_epochs, training_rows
+from trainer.retrain import (
+    build_torch_trainer,
+    connect_ray,
+    count_items,
+    rows_payload,
+    steps_from_epochs,
+    training_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +71,15 @@ def trial_func(config: dict[str, Any], shared: dict[str, Any]) -> None:
     settings = with_overrides(Settings.model_validate_json(shared["settings"]), {"train": overrides})
     settings = steps_from_epochs(settings, shared["items"])
     trial = ray.tune.get_context().get_trial_id()
-    tags = {tracking.KIND_TAG: "tune-trial", "medretrain.tune_id": shared["tune_id"], "medretrain.trial_id": trial}
+    tags = {KIND_TAG: "tune-trial", "medretrain.tune_id": shared["tune_id"], "medretrain.trial_id": trial}
     name = f"{shared['tune_id']}-{trial}"
     run_id = tracking.open_run(settings, tags, run_name=name, parent_run_id=shared["parent_run_id"])
     lora = overrides["lora"]
-    params = {"lr": overrides["lr"], "micro_batch_size": overrides["micro_batch_size"], "max_steps": settings.train.max_steps}
+    params = {
+        "lr": overrides["lr"],
+        "micro_batch_size": overrides["micro_batch_size"],
+        "max_steps": settings.train.max_steps,
+    }
     tracking.log_params(settings, run_id, params | {"lora_r": lora["r"], "lora_alpha": lora["alpha"]})
     loop_config = {
         "settings": settings.model_dump_json(),
@@ -93,15 +105,19 @@ def run_tune(settings: Settings, snapshot_id: str | None, out: Path) -> dict[str
     tune_id = f"tune-{uuid.uuid4().hex[:10]}"
     request = RetrainRequest(request_id=tune_id, reason="manual", watermark=0, snapshot_id=snapshot_id)
     _, train_rows, val_rows = training_rows(settings, request)
-    champion = resolve(settings, "champion")  # its base: the searched LoRA shape needs a fresh adapter
+    champion = resolve(settings, CHAMPION)  # its base: the searched LoRA shape needs a fresh adapter
     # Tokenizing every row on the driver only pays off when some trial's length is given in epochs.
     items = count_items(settings, train_rows, champion.base_dir) if cfg.epochs or settings.train.epochs else 0
     longest = {"epochs": max(cfg.epochs, default=None), "micro_batch_size": min(cfg.micro_batches)}
     longest_steps = steps_from_epochs(with_overrides(settings, {"train": longest}), items).train.max_steps
-    tags = {tracking.KIND_TAG: "tune", "medretrain.tune_id": tune_id}
+    tags = {KIND_TAG: "tune", "medretrain.tune_id": tune_id}
     parent_run_id = tracking.open_run(settings, tags, run_name=tune_id)
     params = {"num_samples": cfg.num_samples, "max_steps": cfg.max_steps, "snapshot_id": snapshot_id or ""}
-    tracking.log_params(settings, parent_run_id, {**params, "epochs": ",".join(map(str, cfg.epochs)), "base_version": champion.base_version})
+    tracking.log_params(
+        settings,
+        parent_run_id,
+        {**params, "epochs": ",".join(map(str, cfg.epochs)), "base_version": champion.base_version},
+    )
     shared = {
         "settings": settings.model_dump_json(),
         "tune_id": tune_id,

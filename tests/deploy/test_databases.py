@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy.services.mlflow import backend_store_uri
-from deploy.services.postgres import ensure_database
+from deploy.embedded.mlflow import backend_store_uri
+from deploy.embedded.postgres import ensure_database
 from schemas.settings import load_settings, with_overrides
 
 
@@ -43,9 +43,14 @@ def test_a_new_stack_home_refuses_an_earlier_stacks_databases(scratch_database, 
 
     name, url = scratch_database
     home = tmp_path / "home"
-    settings = with_overrides(load_settings(), {"stack": {"home": str(home)}, "database": {"url": url}, "mlflow": {"backend_store_uri": None}})
+    settings = with_overrides(
+        load_settings(), {"stack": {"home": str(home)}, "database": {"url": url}, "mlflow": {"backend_store_uri": None}}
+    )
     ensure_database(url)  # left by a stack whose home was deleted
-    with pytest.raises(ServiceError, match=rf"PostgreSQL already has the databases \['{name}'\], but the stack home .* stack down --purge"):
+    with pytest.raises(
+        ServiceError,
+        match=rf"PostgreSQL already has the databases \['{name}'\], but the stack home .* stack down --purge",
+    ):
         embedded.up(settings)
     assert not home.exists()  # refused before any service started
 

@@ -45,7 +45,9 @@ def test_stale_pid_file_is_ignored(tmp_path: Path) -> None:
 
 def test_service_env_drops_caller_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MEDRETRAIN_KAFKA__BOOTSTRAP", "elsewhere:1")
-    script = "import os, sys; sys.exit(4 if 'MEDRETRAIN_KAFKA__BOOTSTRAP' in os.environ or os.environ['X'] != '1' else 0)"
+    script = (
+        "import os, sys; sys.exit(4 if 'MEDRETRAIN_KAFKA__BOOTSTRAP' in os.environ or os.environ['X'] != '1' else 0)"
+    )
     pid = process.spawn(tmp_path, "env", Launch(argv=[sys.executable, "-c", script], cwd=tmp_path, env={"X": "1"}))
     import psutil
 
@@ -53,18 +55,25 @@ def test_service_env_drops_caller_settings(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_service_that_dies_during_start_up_is_launched_again(tmp_path: Path) -> None:
-    """A start-up race (Ray's raylet, ray#65983) gets ``start_attempts`` launches; with one, the first exit fails the start."""
+    """A start-up race (Ray's raylet, ray#65983) gets ``start_attempts`` launches; with one, the first exit fails it."""
     from deploy import stack
-    from deploy.services import Service
+    from deploy.embedded import Service
     from schemas.settings import load_settings, with_overrides
 
     settings = with_overrides(load_settings(), {"stack": {"home": str(tmp_path), "start_timeout_s": 30}})
     tries, ready = tmp_path / "tries", tmp_path / "ready"
     # First launch dies at once; the second one becomes healthy and stays up.
-    script = (f"import pathlib, sys, time; t = pathlib.Path({str(tries)!r}); n = len(t.read_text()) if t.exists() else 0; "
-              f"t.write_text('x' * (n + 1)); n or sys.exit(1); pathlib.Path({str(ready)!r}).touch(); time.sleep(600)")
-    flaky = Service(name="flaky", url=lambda s: "flaky://", healthy=lambda s: ready.exists(), start_attempts=2,
-                    launch=lambda s: Launch(argv=[sys.executable, "-c", script], cwd=tmp_path))
+    script = (
+        f"import pathlib, sys, time; t = pathlib.Path({str(tries)!r}); n = len(t.read_text()) if t.exists() else 0; "
+        f"t.write_text('x' * (n + 1)); n or sys.exit(1); pathlib.Path({str(ready)!r}).touch(); time.sleep(600)"
+    )
+    flaky = Service(
+        name="flaky",
+        url=lambda s: "flaky://",
+        healthy=lambda s: ready.exists(),
+        start_attempts=2,
+        launch=lambda s: Launch(argv=[sys.executable, "-c", script], cwd=tmp_path),
+    )
     try:
         assert stack._start(settings, flaky)
         assert tries.read_text() == "xx" and process.running_pid(tmp_path, "flaky") is not None

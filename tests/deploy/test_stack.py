@@ -10,9 +10,10 @@ import uuid
 
 import pytest
 
-from deploy import process, stack as embedded
+from deploy import process
+from deploy import stack as embedded
 from deploy.clients import boto3_s3, credentials_file, ensure_topics, topic_names
-from deploy.services import host_port
+from deploy.embedded import host_port
 from schemas.settings import Settings, with_overrides
 
 pytestmark = pytest.mark.integration
@@ -227,7 +228,8 @@ def test_foreign_service_on_our_port_is_a_clear_error(stack: Settings, tmp_path)
     # Another stack home with the same ports (and databases of its own): the S3 port is served, but not by a
     # process of that stack.
     fresh = {"url": f"postgresql+psycopg://postgres@127.0.0.1:5432/medretrain_t_{uuid.uuid4().hex[:12]}"}
-    other = with_overrides(stack, {"stack": {"home": str(tmp_path / "other")}, "database": fresh, "mlflow": {"backend_store_uri": None}})
+    other = with_overrides(stack, {"stack": {"home": str(tmp_path / "other")}, "database": fresh,
+                                   "mlflow": {"backend_store_uri": None}})
     with pytest.raises(ServiceError, match=r"service 's3': .* already served by a process this stack did not start"):
         embedded.up(other)
 

@@ -63,11 +63,13 @@ def save_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
 def log_candidate(
     settings: Settings, adapter_dir: Path | None, base_version: str, snapshot_id: str | None
 ) -> TrainedAdapter:
-    """A finished MLflow run shaped like the trainer's: lineage tags, base version, loss history, ``adapter/``."""
-    from trainer.registry import registry_client
-    from trainer.tracking import BASE_VERSION_TAG, experiment_id
+    """A finished MLflow run shaped like the trainer's: lineage tags, base version, loss history, ``adapter/``,
+    ``trained_adapter.json``."""
+    from deploy.registry import BASE_VERSION_TAG, mlflow_client
+    from schemas.artifacts import TRAINED_ADAPTER_FILE
+    from trainer.tracking import experiment_id
 
-    client = registry_client(settings)
+    client = mlflow_client(settings)
     lineage = Lineage(
         request_id=f"rr-test-{uuid.uuid4().hex[:8]}", snapshot_id=snapshot_id, parent_version="1", base_model="test"
     )
@@ -78,8 +80,7 @@ def log_candidate(
     client.log_metric(run_id, "val_loss", 2.5, step=5)
     if adapter_dir is not None:
         client.log_artifacts(run_id, str(adapter_dir), artifact_path="adapter")
-    client.set_terminated(run_id, "FINISHED")
-    return TrainedAdapter(
+    adapter = TrainedAdapter(
         run_id=run_id,
         lineage=lineage.model_copy(update={"run_id": run_id}),
         steps=5,
@@ -87,3 +88,6 @@ def log_candidate(
         val_loss=2.5,
         wall_s=1.0,
     )
+    client.log_text(run_id, adapter.model_dump_json(), TRAINED_ADAPTER_FILE)
+    client.set_terminated(run_id, "FINISHED")
+    return adapter

@@ -60,7 +60,7 @@ def test_batched_left_padded_generation_matches_one_by_one(adapted, rows):
 
 def _repeats_a_bigram(tokenizer, text: str) -> bool:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bigrams = list(zip(ids, ids[1:]))
+    bigrams = list(zip(ids, ids[1:], strict=False))
     return len(set(bigrams)) < len(bigrams)
 
 

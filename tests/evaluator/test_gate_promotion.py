@@ -11,15 +11,15 @@ import pytest
 from eval_fixtures import FAIL_RULES, PASS_RULES, log_candidate
 from typer.testing import CliRunner
 
+from deploy.registry import RUN_VERSION_TAG, mlflow_client, open_registry
 from evaluator import promotion
-from evaluator.evaluate import read_decision
+from evaluator.decision import read_decision
 from evaluator.evaluate import run as evaluate_run
 from schemas.artifacts import SnapshotManifest, Verdict
 from schemas.data import QAPair
 from schemas.settings import Settings
 from services.cli import build_app
 from trainer.medquad import load_medquad
-from trainer.registry import registry_client
 
 pytestmark = pytest.mark.integration
 
@@ -63,11 +63,11 @@ def put_snapshot(settings: Settings, n_eval: int = 6) -> str:
 
 
 def aliases(settings: Settings) -> dict[str, str]:
-    return dict(registry_client(settings).get_registered_model(settings.mlflow.registered_model).aliases)
+    return dict(mlflow_client(settings).get_registered_model(settings.mlflow.registered_model).aliases)
 
 
 def actions(settings: Settings, version: str) -> list[str]:
-    client, name = promotion.open_registry(settings)
+    client, name = open_registry(settings)
     return [a.action for a in promotion.actions_of(client.get_model_version(name, version))]
 
 
@@ -116,7 +116,7 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
     recorded, samples = read_decision(settings, candidate.run_id)
     assert recorded == verdict
     assert len(samples["medquad"]) == 4 and len(samples["production"]) == 4
-    run = registry_client(settings).get_run(candidate.run_id)
+    run = mlflow_client(settings).get_run(candidate.run_id)
     assert run.data.tags["medretrain.gate.passed"] == "true"
     for rule in PASS_RULES:
         assert run.data.tags[f"medretrain.gate.rule.{rule['name']}"].startswith("pass ")
@@ -133,7 +133,7 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
 
     version = promotion.registered_version(settings, candidate.run_id)
     assert aliases(settings) == {"champion": version}
-    mv = registry_client(settings).get_model_version(settings.mlflow.registered_model, version)
+    mv = mlflow_client(settings).get_model_version(settings.mlflow.registered_model, version)
     assert mv.source == f"runs:/{candidate.run_id}/adapter"
     assert {k: mv.tags[k] for k in ("kind", "base_version", "parent_version", "gate", "request", "snapshot")} == {
         "kind": "adapter",
@@ -147,7 +147,7 @@ def test_passing_candidate_in_auto_mode_becomes_champion_with_full_record(make_s
         verdict.metrics["candidate"]["production.loss"], rel=1e-5
     )
     assert actions(settings, version) == ["registered", "challenger", "promoted"]
-    client, name = promotion.open_registry(settings)
+    client, name = open_registry(settings)
     assert promotion.champion_history(client, name) == ["1", version]
 
 
@@ -174,7 +174,7 @@ def test_review_mode_waits_for_promote_through_the_cli(make_settings, make_candi
     promoted = cli(settings, "registry", "promote", "2", "--actor", "alice")
     assert promoted.exit_code == 0, promoted.output
     assert aliases(settings) == {"champion": "2"}
-    client, name = promotion.open_registry(settings)
+    client, name = open_registry(settings)
     last = promotion.actions_of(client.get_model_version(name, "2"))[-1]
     assert (last.action, last.actor) == ("promoted", "alice")
 
@@ -188,11 +188,11 @@ def test_failing_candidate_leaves_the_champion_and_needs_force_with_reason(make_
     assert not verdict.passed
     assert [r.name for r in verdict.rules if not r.passed] == ["impossible_loss"]
     assert aliases(settings) == {"champion": "1"}
-    run = registry_client(settings).get_run(candidate.run_id)
+    run = mlflow_client(settings).get_run(candidate.run_id)
     assert run.data.tags["medretrain.gate.passed"] == "false"
     assert "impossible_loss" in run.data.tags["medretrain.gate.reasons"]
-    version = run.data.tags[promotion.RUN_VERSION_TAG]
-    mv = registry_client(settings).get_model_version(settings.mlflow.registered_model, version)
+    version = run.data.tags[RUN_VERSION_TAG]
+    mv = mlflow_client(settings).get_model_version(settings.mlflow.registered_model, version)
     assert (mv.tags["gate"], mv.tags["gate.failed_rules"]) == ("failed", "impossible_loss")
     assert actions(settings, version) == ["registered"]
 
@@ -210,7 +210,7 @@ def test_failing_candidate_leaves_the_champion_and_needs_force_with_reason(make_
     forced = cli(settings, "registry", "promote", version, "--force", "--reason", "hotfix approved by clinical lead")
     assert forced.exit_code == 0, forced.output
     assert aliases(settings) == {"champion": version}
-    last = promotion.actions_of(registry_client(settings).get_model_version(settings.mlflow.registered_model, version))[
+    last = promotion.actions_of(mlflow_client(settings).get_model_version(settings.mlflow.registered_model, version))[
         -1
     ]
     assert (last.action, last.reason) == ("forced", "hotfix approved by clinical lead")
@@ -284,7 +284,7 @@ def test_decision_json_is_a_verdict_with_every_rule(make_settings, make_candidat
     raw = json.loads(mlflow.artifacts.load_text(f"runs:/{candidate.run_id}/decision.json"))
     assert raw["candidate_run_id"] == candidate.run_id and raw["baseline_version"] == "1"
     assert [r["name"] for r in raw["rules"]] == [r["name"] for r in FAIL_RULES]
-    for rule, spec in zip(raw["rules"], FAIL_RULES):
+    for rule, spec in zip(raw["rules"], FAIL_RULES, strict=True):
         assert rule["threshold"] == spec["threshold"] and rule["op"] == spec["op"]
         assert isinstance(rule["value"], float) and isinstance(rule["passed"], bool)
 
@@ -296,7 +296,7 @@ def test_champion_measurement_is_cached_on_its_run_and_reused(make_settings, mak
 
     settings = make_settings(PASS_RULES)
     first = evaluate_run(settings, make_candidate(settings, seed=9))
-    client, name = promotion.open_registry(settings)
+    client, name = open_registry(settings)
     champion_run = client.get_model_version(name, "1").run_id
     (cached,) = client.list_artifacts(champion_run, BASELINE_CACHE_DIR)
     payload = json.loads(mlflow.artifacts.load_text(f"runs:/{champion_run}/{cached.path}"))
@@ -323,7 +323,7 @@ def test_promoted_candidate_is_not_rescored_as_champion_but_a_new_production_sli
     first = make_candidate(settings, seed=11, snapshot_id=put_snapshot(settings, n_eval=6))
     judged = evaluate_run(settings, first)
     assert aliases(settings)["champion"] == "2"
-    client, _ = promotion.open_registry(settings)
+    client, _ = open_registry(settings)
     entries = client.list_artifacts(first.run_id, BASELINE_CACHE_DIR)
     assert len(entries) == 2  # one per set, on the run that holds version 2's adapter
     for entry in entries:

@@ -22,7 +22,8 @@ REFERENCES = [
 
 def test_rouge_l_matches_rouge_score():
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    expected = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(PREDICTIONS, REFERENCES)) / len(PREDICTIONS)
+    pairs = zip(PREDICTIONS, REFERENCES, strict=True)
+    expected = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(PREDICTIONS)
     assert expected > 0.1
     assert scoring.overlap_scores(PREDICTIONS, REFERENCES)["rougeL"] == pytest.approx(expected, abs=1e-12)
 

@@ -22,7 +22,7 @@ from stream_events import build_event
 from stream_stack import read_topic, start_accumulator, stop, stored_count, stored_ids, wait_for
 
 from schemas.events import DeadLetter
-from services.publisher import make_producer, publish
+from services.stream.publisher import make_producer, publish
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +60,9 @@ def test_20_kills_over_10000_events_lose_and_double_nothing(stream_env, tmp_path
             accumulator = start_accumulator(env, log)
             publisher = _publish_round(env, events, bad)
             target = before + rng.randint(1, len(events))  # kill once a random share of this round is stored
-            wait_for(lambda: stored_count(engine) >= target or accumulator.poll() is not None, 180,
-                     "the accumulator to store rows", every=0.02)
+            wait_for(lambda target=target, accumulator=accumulator: (
+                stored_count(engine) >= target or accumulator.poll() is not None
+            ), 180, "the accumulator to store rows", every=0.02)
             time.sleep(rng.uniform(0, 0.3))  # and then anywhere inside the next batches
             assert accumulator.poll() is None, f"accumulator exited on its own, see {log}"
             stop(accumulator, signal.SIGKILL)

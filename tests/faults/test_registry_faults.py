@@ -16,11 +16,12 @@ from eval_fixtures import log_candidate, save_adapter
 from faulty_proxy import FaultyProxy
 from stream_stack import free_port
 
+from deploy.registry import mlflow_client
 from evaluator import promotion
 from schemas.artifacts import Verdict
 from schemas.settings import with_overrides
 from trainer.model import build_tiny_llama
-from trainer.registry import bootstrap, registry_client
+from trainer.registry import bootstrap
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +44,12 @@ def _verdict(registry) -> Verdict:
 
 
 def _aliases(settings) -> dict[str, str]:
-    return dict(registry_client(settings).get_registered_model(settings.mlflow.registered_model).aliases)
+    return dict(mlflow_client(settings).get_registered_model(settings.mlflow.registered_model).aliases)
 
 
 def _assert_aliases_sound(settings) -> dict[str, str]:
     """Through the healthy server: every alias points at a version whose artifacts download and check."""
-    client, aliases = registry_client(settings), _aliases(settings)
+    client, aliases = mlflow_client(settings), _aliases(settings)
     for version in aliases.values():
         promotion.verify_artifacts(client, settings.mlflow.registered_model, version)
     return aliases
@@ -69,7 +70,7 @@ def test_mlflow_down_while_registering_or_promoting_fails_cleanly(registry):
     closed = with_overrides(settings, {"mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}"}})
     with pytest.raises(Exception, match="Connection refused|Max retries|API request"):
         promotion.apply_verdict(closed, verdict)
-    assert registry_client(settings).search_model_versions(f"run_id = '{verdict.candidate_run_id}'") == []
+    assert mlflow_client(settings).search_model_versions(f"run_id = '{verdict.candidate_run_id}'") == []
 
     version = promotion.apply_verdict(settings, verdict)  # retried once MLflow is back
     before = _assert_aliases_sound(settings)
@@ -83,11 +84,11 @@ def test_an_outage_at_any_point_of_a_promotion_never_leaves_an_unsound_alias(reg
     """Cut every request from the k-th on, for each k: after each failed try the aliases are sound."""
     settings, base_version, _ = registry
     version = promotion.apply_verdict(settings, _verdict(registry))
-    name, client = settings.mlflow.registered_model, registry_client(settings)
+    name, client = settings.mlflow.registered_model, mlflow_client(settings)
     champion = _aliases(settings)["champion"]
     outages = 0
     for k in range(100):
-        with _mlflow_proxy(settings, drop=lambda method, path: len(proxy.forwarded) >= k) as proxy:
+        with _mlflow_proxy(settings, drop=lambda method, path, k=k: len(proxy.forwarded) >= k) as proxy:
             try:
                 promotion.promote(_proxied(settings, proxy), version, actor="tester")
             except Exception:  # noqa: BLE001 - any failure is acceptable, an unsound alias is not

@@ -11,9 +11,9 @@ import json
 import subprocess
 
 import pytest
+from stream_stack import REPO
 
 from deploy.clients import credentials_file
-from stream_stack import REPO
 
 pytestmark = pytest.mark.integration
 

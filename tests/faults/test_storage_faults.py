@@ -14,11 +14,11 @@ from stream_events import build_event
 from stream_stack import free_port
 
 from schemas.settings import with_overrides
-from services.ingest import SourceRecord, event_row
-from services.snapshot import SnapshotWriteError
 from services.store import RetrainRequestRow, SnapshotRow, insert_events
-from services.trigger import check_threshold
-from trainer.snapshots import SnapshotError, read_snapshot
+from services.stream.ingest import SourceRecord, event_row
+from services.trigger.export import SnapshotWriteError
+from services.trigger.trigger import check_threshold
+from trainer.snapshot_reader import SnapshotError, read_snapshot
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, make_url, text
 from stream_events import build_event
 from stream_stack import start_accumulator, stop, stored_count, stored_ids, wait_for
 
-from services.publisher import publish
+from services.stream.publisher import publish
 
 pytestmark = pytest.mark.integration
 

@@ -56,11 +56,15 @@ def test_packed_flex_rows_must_be_whole_blocks():
 
 def test_flex_kernel_options_need_flex_attention():
     options = "train.flex_kernel_options.fwd_BLOCK_N=64"
-    assert load_settings(["train.attn_implementation=flex_attention", options]).train.flex_kernel_options == {"fwd_BLOCK_N": 64}
+    assert load_settings(["train.attn_implementation=flex_attention", options]).train.flex_kernel_options == {
+        "fwd_BLOCK_N": 64
+    }
     with pytest.raises(ValueError, match="flex_kernel_options need attn_implementation=flex_attention"):
         load_settings([options])
     with pytest.raises(ValueError, match="flex_kernel_options need compile_mode=default"):
-        load_settings(["train.attn_implementation=flex_attention", options, "train.compile_mode=max-autotune-no-cudagraphs"])
+        load_settings(
+            ["train.attn_implementation=flex_attention", options, "train.compile_mode=max-autotune-no-cudagraphs"]
+        )
 
 
 def test_flex_block_size_needs_flex_and_tiles_that_divide_it():
@@ -75,25 +79,42 @@ def test_flex_block_size_needs_flex_and_tiles_that_divide_it():
 
 
 def test_varlen_attention_needs_packed_rows_and_half_precision_on_gpus():
-    assert load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.max_length=200"]).train.max_length == 200
+    assert (
+        load_settings(
+            ["train.packing=true", "train.attn_implementation=varlen", "train.max_length=200"]
+        ).train.max_length
+        == 200
+    )
     with pytest.raises(ValueError, match="needs packed rows"):
         load_settings(["train.attn_implementation=varlen"])
     with pytest.raises(ValueError, match="bf16 or fp16"):
-        load_settings(["train.packing=true", "train.attn_implementation=varlen", "train.use_gpu=true", "train.precision=32-true"])
+        load_settings(
+            ["train.packing=true", "train.attn_implementation=varlen", "train.use_gpu=true", "train.precision=32-true"]
+        )
     with pytest.raises(ValueError, match="needs packed rows.*fold_lora needs"):  # every problem at once
         load_settings(["train.attn_implementation=varlen", "train.fold_lora=true"])
 
 
+def test_fp16_is_refused_on_the_cpu_with_the_fix_named():
+    assert load_settings(["train.use_gpu=true", "train.precision=16-mixed"]).train.precision == "16-mixed"
+    assert load_settings(["train.precision=bf16-mixed"]).train.precision == "bf16-mixed"
+    fix = r"16-mixed \(fp16\) needs a GPU: set train.use_gpu=true, or on the CPU use bf16"
+    with pytest.raises(ValueError, match=fix):
+        load_settings(["train.precision=16-mixed"])
+
+
 def test_fold_lora_needs_no_dropout_and_no_autocast():
     assert load_settings(["train.fold_lora=true", "train.lora.dropout=0", "train.precision=bf16-true"]).train.fold_lora
-    for bad in (["train.lora.dropout=0.05"], ["train.lora.dropout=0", "train.precision=16-mixed"]):
+    for bad in (["train.lora.dropout=0.05"], ["train.lora.dropout=0", "train.precision=bf16-mixed"]):
         with pytest.raises(ValueError, match="fold_lora needs"):
             load_settings(["train.fold_lora=true", *bad])
 
 
 def test_selective_checkpointing_needs_folded_lora():
     fold = ["train.fold_lora=true", "train.lora.dropout=0", "train.precision=bf16-true"]
-    assert load_settings([*fold, "train.activation_checkpointing=selective"]).train.activation_checkpointing == "selective"
+    assert (
+        load_settings([*fold, "train.activation_checkpointing=selective"]).train.activation_checkpointing == "selective"
+    )
     assert load_settings(["train.activation_checkpointing=full"]).train.activation_checkpointing == "full"
     with pytest.raises(ValueError, match="selective needs train.fold_lora"):
         load_settings(["train.activation_checkpointing=selective"])

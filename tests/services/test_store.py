@@ -11,7 +11,6 @@ from stream_events import build_event
 
 from schemas.events import RetrainRequest
 from schemas.settings import load_settings
-from services.ingest import SourceRecord, event_row
 from services.store import (
     QAEventRow,
     RetrainRequestRow,
@@ -24,6 +23,7 @@ from services.store import (
     make_engine,
     max_row_id,
 )
+from services.stream.ingest import SourceRecord, event_row
 
 # Text that a hand-built statement or a JSON encoding would mangle.
 AWKWARD = ['quote " and \\ backslash', "it's; DROP TABLE qa_events; --", "é 中文 😀 \u2028", "tab\tand\nnewline",
@@ -92,8 +92,15 @@ def test_rows_since_last_snapshot_counts_from_the_highest_watermark(sqlite_engin
 def test_load_request_round_trips_and_names_a_missing_id(sqlite_settings, sqlite_engine):
     request = RetrainRequest(request_id="rr-1", reason="manual", watermark=3, overrides={"train": {"lr": 1e-4}})
     with sqlite_engine.begin() as conn:
-        conn.execute(insert(RetrainRequestRow).values(request_id="rr-1", reason="manual", watermark=3, state="requested",
-                                                       request_json=request.model_dump(mode="json")))
+        conn.execute(
+            insert(RetrainRequestRow).values(
+                request_id="rr-1",
+                reason="manual",
+                watermark=3,
+                state="requested",
+                request_json=request.model_dump(mode="json"),
+            )
+        )
     assert load_request(sqlite_settings, "rr-1") == request
     with pytest.raises(KeyError, match="rr-missing"):
         load_request(sqlite_settings, "rr-missing")

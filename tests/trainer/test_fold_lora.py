@@ -50,7 +50,10 @@ def test_siblings_given_different_inputs_compute_their_own_outputs():
     plain = _adapted()
     folded = copy.deepcopy(plain)
     fold_lora(folded)
-    attention, folded_attention = plain.base_model.model.model.layers[0].self_attn, folded.base_model.model.model.layers[0].self_attn
+    attention, folded_attention = (
+        plain.base_model.model.model.layers[0].self_attn,
+        folded.base_model.model.model.layers[0].self_attn,
+    )
     shared, other = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     with torch.no_grad():
         assert torch.allclose(folded_attention.q_proj(shared), attention.q_proj(shared), atol=1e-6)
@@ -81,7 +84,9 @@ def partition_backend(record):
     return aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition)
 
 
-@pytest.mark.parametrize(("in_features", "outs"), [(32, (64,)), (64, (32,)), (32, (64, 16, 16))])  # joined input; plain sum; siblings
+@pytest.mark.parametrize(
+    ("in_features", "outs"), [(32, (64,)), (64, (32,)), (32, (64, 16, 16))]
+)  # joined input; plain sum; siblings
 def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, outs):
     """Backward rebuilds its joined weight; saving one would hold a second copy of every frozen weight."""
     from trainer.fold_lora import _FoldedLora
@@ -94,11 +99,13 @@ def test_compiled_folded_layer_saves_no_joined_weight_for_backward(in_features, 
     layer = torch.compile(lambda x: _FoldedLora.apply(x, 2.0, *weights, *lora_a, *lora_b), backend=backend)
     layer(torch.randn(8, in_features, requires_grad=True)).sum().backward()
     weight_sized = [shape for shape in saved if shape[0] in (*outs, sum(outs)) and shape[1] >= in_features]
-    assert sorted(weight_sized) == sorted((out, in_features) for out in outs), saved  # the frozen weights themselves only
+    assert sorted(weight_sized) == sorted((out, in_features) for out in outs), (
+        saved
+    )  # the frozen weights themselves only
 
 
 def test_folded_lora_in_bf16_stays_within_rounding_of_peft():
-    """The input gradient runs against the merged weight W + s·BA rounded to bf16: LoRA gradients move by rounding only."""
+    """The input gradient runs against the merged weight W + s·BA rounded to bf16: LoRA gradients move by rounding."""
     plain = _adapted().to(torch.bfloat16)
     folded = copy.deepcopy(plain)
     fold_lora(folded)

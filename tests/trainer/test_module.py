@@ -14,7 +14,10 @@ from trainer.model import attach_lora, load_base
 from trainer.module import LoraFineTune, RankData, warmup_cosine
 from trainer.speed import apply_speed_settings
 
-ROWS = [QAPair(question=f"What causes condition {i}?", answer=f"Condition {i} is caused by factor {i * 7}.", source="t") for i in range(24)]
+ROWS = [
+    QAPair(question=f"What causes condition {i}?", answer=f"Condition {i} is caused by factor {i * 7}.", source="t")
+    for i in range(24)
+]
 CFG = TrainSettings(max_steps=6, checkpoint_every_steps=2, micro_batch_size=2, max_length=64, warmup_steps=1, lr=5e-3)
 
 
@@ -88,15 +91,23 @@ def _loss_drops_on_a_fixed_batch(model, tokenizer, steps: int, lr: float, batch=
 
 def test_tiny_model_loss_goes_down(tiny_model_dir: Path):
     model, tokenizer = load_base(tiny_model_dir)
-    first, last = _loss_drops_on_a_fixed_batch(attach_lora(model, LoraSettings(r=8, alpha=16)), tokenizer, steps=8, lr=2e-2)
+    first, last = _loss_drops_on_a_fixed_batch(
+        attach_lora(model, LoraSettings(r=8, alpha=16)), tokenizer, steps=8, lr=2e-2
+    )
     assert last < first
 
 
 def test_fast_path_switches_learn_on_packed_rows(tiny_model_dir: Path):
-    """The GPU fast path's model switches on the CPU: packed rows, varlen attention, folded LoRA, selective checkpointing."""
+    """The GPU fast path's switches on the CPU: packed rows, varlen attention, folded LoRA, selective checkpointing."""
     model, tokenizer = load_base(tiny_model_dir)
-    train = TrainSettings(packing=True, attn_implementation="varlen", fold_lora=True, activation_checkpointing="selective",
-                          max_length=64, lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    train = TrainSettings(
+        packing=True,
+        attn_implementation="varlen",
+        fold_lora=True,
+        activation_checkpointing="selective",
+        max_length=64,
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+    )
     model = apply_speed_settings(attach_lora(model, train.lora), train).train()  # checkpointing acts in training mode
     batch = collate_packed_items(pack_items(encode_rows(tokenizer, ROWS[:4], 64), 64, tokenizer.pad_token_id))
     first, last = _loss_drops_on_a_fixed_batch(model, tokenizer, steps=8, lr=2e-2, batch=batch)

@@ -9,7 +9,6 @@ from trainer.flex_mask import use_flex_block_size
 from trainer.loss import answer_loss, chunked_answer_loss
 from trainer.packing import IGNORE, Example, collate_packed, pack_examples, packing_efficiency
 
-
 ROW = 128
 """Packed row length of the attention tests: one flex_attention block."""
 
@@ -58,7 +57,9 @@ def test_chunked_loss_gradients_match_full_logits_loss():
     head = torch.randn(97, 16, requires_grad=True)
     labels = torch.randint(0, 97, (2, 20))
     labels[:, :5] = IGNORE
-    reference = torch.nn.functional.cross_entropy((hidden @ head.t())[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    reference = torch.nn.functional.cross_entropy(
+        (hidden @ head.t())[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
     expected = torch.autograd.grad(reference, (hidden, head))
     total, count = chunked_answer_loss(hidden, head, labels, chunk_tokens=7)
     assert int(count) == 2 * 15
@@ -148,7 +149,11 @@ def test_pack_items_keeps_every_row_id_once():
 
 
 def test_cu_seq_lens_marks_every_pair_and_padding_tail_in_the_flat_batch():
-    batch = collate_packed(pack_examples([_example(range(1, 12), 2), _example(range(1, 8), 2), _example(range(1, 10), 2)], row_len=16, pad_id=0))
+    batch = collate_packed(
+        pack_examples(
+            [_example(range(1, 12), 2), _example(range(1, 8), 2), _example(range(1, 10), 2)], row_len=16, pad_id=0
+        )
+    )
     # First fit, longest first: rows [11-token pair, 5 padding] and [9-token pair, 7-token pair].
     assert batch["cu_seq_lens"].tolist() == [0, 11, 16, 25, 32]
     assert batch["cu_seq_lens"].dtype == torch.int32
@@ -170,8 +175,11 @@ def test_flash_varlen_kernel_equals_per_pair_sdpa():
     _assert_per_pair_sdpa(flash, q, k, v, positions)
 
 
-def _assert_per_pair_sdpa(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-    """``out`` [batch, tokens, heads, dim] and the gradients of its sum of squares equal per-pair SDPA (fp32, CPU), to bf16 tolerance."""
+def _assert_per_pair_sdpa(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """``out`` [batch, tokens, heads, dim] and the gradients of its sum of squares equal per-pair SDPA (fp32, CPU),
+    to bf16 tolerance."""
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     cpu = [t.detach().float().cpu().requires_grad_() for t in (q, k, v)]
     reference, _ = varlen_attention(None, *cpu, None, scaling=0.125, cu_seq_lens=cu_seq_lens(positions).cpu())
@@ -225,25 +233,48 @@ def test_flex_backward_tiles_are_offered_within_the_mask_blocks(flex_blocks, mon
     from torch._inductor.template_heuristics.triton import FlexBwDConfig
 
     # torch's H100 default at head dim 64; it checks these against the mask's blocks before kernel_options apply.
-    monkeypatch.setattr(InductorChoices, "get_flex_attention_bwd_configs", lambda *a, **k: [FlexBwDConfig(64, 128, 128, 64, 3, 8)])
+    monkeypatch.setattr(
+        InductorChoices, "get_flex_attention_bwd_configs", lambda *a, **k: [FlexBwDConfig(64, 128, 128, 64, 3, 8)]
+    )
     flex_blocks(64)
-    assert config.inductor_choices_class().get_flex_attention_bwd_configs(64, torch.bfloat16) == [FlexBwDConfig(64, 64, 64, 64, 3, 8)]
+    assert config.inductor_choices_class().get_flex_attention_bwd_configs(64, torch.bfloat16) == [
+        FlexBwDConfig(64, 64, 64, 64, 3, 8)
+    ]
     flex_blocks(128)
     assert config.inductor_choices_class is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled flex_attention backward with tuned tiles is a GPU kernel")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the compiled flex_attention backward with tuned tiles is a GPU kernel"
+)
 def test_compiled_flex_on_64_token_blocks_equals_per_pair_sdpa(flex_blocks):
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function, find_packed_sequence_indices, packed_sequence_mask_function,
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        and_masks,
+        causal_mask_function,
+        find_packed_sequence_indices,
+        packed_sequence_mask_function,
     )
 
     q, k, v, positions = _packed_qkv("cuda", torch.bfloat16)
     documents = packed_sequence_mask_function(find_packed_sequence_indices(positions))
     flex_blocks(64)
-    mask = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](batch_size=2, q_length=256, kv_length=256, mask_function=and_masks(causal_mask_function, documents), device="cuda")
-    tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](
+        batch_size=2,
+        q_length=256,
+        kv_length=256,
+        mask_function=and_masks(causal_mask_function, documents),
+        device="cuda",
+    )
+    tiles = {
+        "fwd_BLOCK_M": 64,
+        "fwd_BLOCK_N": 64,
+        "bwd_BLOCK_M1": 64,
+        "bwd_BLOCK_N1": 64,
+        "bwd_BLOCK_M2": 64,
+        "bwd_BLOCK_N2": 64,
+    }
     out = torch.compile(flex_attention)(q, k, v, block_mask=mask, scale=0.125, enable_gqa=True, kernel_options=tiles)
     assert mask.BLOCK_SIZE == (64, 64)
     _assert_per_pair_sdpa(out.transpose(1, 2), q, k, v, positions)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from deploy.registry import CHAMPION, KIND_ADAPTER, KIND_BASE, mlflow_client
 from schemas.settings import LoraSettings, Settings, with_overrides
 from services.cli import build_app
 from trainer.model import attach_lora, load_base
-from trainer.registry import ADAPTER, BASE, CHAMPION, bootstrap, load_resolved, model_files, registry_client, resolve
+from trainer.registry import bootstrap, load_resolved, model_files, resolve
 
 
 def test_model_files_rejects_pickled_or_incomplete_folders(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -45,9 +46,9 @@ def test_bootstrap_cli_registers_version_1_as_champion_once(registry: Settings, 
     result = CliRunner().invoke(build_app(), args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "champion" in result.output
-    client = registry_client(registry)
+    client = mlflow_client(registry)
     version = client.get_model_version(name, "1")
-    assert version.tags == {"kind": BASE, "origin": f"path:{tiny_model_dir.resolve()}"}
+    assert version.tags == {"kind": KIND_BASE, "origin": f"path:{tiny_model_dir.resolve()}"}
     assert version.source == f"runs:/{version.run_id}/model"
     assert client.get_registered_model(name).aliases == {CHAMPION: "1"}
 
@@ -97,8 +98,8 @@ def test_adapter_version_resolves_with_its_base(registry: Settings, tiny_model_d
     mlflow.set_experiment(registry.mlflow.experiment)
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(tmp_path / "adapter"), artifact_path="adapter")
-    tags = {"kind": ADAPTER, "base_version": base_version, "parent_version": base_version}
-    client = registry_client(registry)
+    tags = {"kind": KIND_ADAPTER, "base_version": base_version, "parent_version": base_version}
+    client = mlflow_client(registry)
     version = client.create_model_version(name, f"runs:/{run.info.run_id}/adapter", run.info.run_id, tags=tags).version
 
     resolved = resolve(registry, version)

@@ -12,7 +12,7 @@ from trainer.speed import apply_speed_settings
 
 
 def _compiled_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """Forward and backward of the inductor-compiled decoder: last hidden states, and every kernel source it generated."""
+    """Forward and backward of the inductor-compiled decoder: last hidden states and each kernel source it generated."""
     torch._dynamo.reset()
     decoder = torch.compile(model.base_model.model.model, dynamic=False)
     return run_and_get_code(_step, decoder, ids)
@@ -26,7 +26,9 @@ def _step(decoder, ids: torch.Tensor) -> torch.Tensor:
 
 def _kernels_computing_cos(code: list[str]) -> int:
     """Generated C++ kernels (one ``extern "C"`` function each) that evaluate a cosine."""
-    return sum(".cos()" in kernel or "std::cos" in kernel for source in code for kernel in source.split('extern "C"')[1:])
+    return sum(
+        ".cos()" in kernel or "std::cos" in kernel for source in code for kernel in source.split('extern "C"')[1:]
+    )
 
 
 def test_stored_tables_are_evaluated_once_with_the_same_outputs():

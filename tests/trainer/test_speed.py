@@ -35,7 +35,9 @@ def _partition(model, tokens: int) -> tuple[int, int, int]:
     def signatures(graph: torch.fx.Graph) -> list[tuple]:
         heavy = ("mm", "attention")
         calls = [n for n in graph.nodes if n.op == "call_function" and any(h in str(n.target) for h in heavy)]
-        return [(n.target, *(tuple(a.meta["val"].shape) for a in n.args if isinstance(a, torch.fx.Node))) for n in calls]
+        return [
+            (n.target, *(tuple(a.meta["val"].shape) for a in n.args if isinstance(a, torch.fx.Node))) for n in calls
+        ]
 
     def record(saved: list, forward: torch.fx.Graph, backward: torch.fx.Graph) -> None:
         # Only concrete [.., tokens, ..] activations count; a symbolic size would add a guard mid-compile.
@@ -64,6 +66,8 @@ def test_compiled_selective_checkpointing_saves_less_and_repeats_no_gemm_or_atte
 
 
 def test_unknown_flex_kernel_options_are_refused_before_training():
-    train = TrainSettings(attn_implementation="flex_attention", flex_kernel_options={"fwd_BLOCK_N": 64, "bwd_BLOK_M1": 32})
+    train = TrainSettings(
+        attn_implementation="flex_attention", flex_kernel_options={"fwd_BLOCK_N": 64, "bwd_BLOK_M1": 32}
+    )
     with pytest.raises(ValueError, match=r"\['bwd_BLOK_M1'\] are not flex_attention kernel options"):
         apply_speed_settings(_adapted(), train)

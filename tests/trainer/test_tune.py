@@ -1,4 +1,4 @@
-"""A 2-trial ASHA search on the real stack: two MLflow child runs and a best config later retrains can use."""
+"""An ASHA search on the real stack: early stopping, MLflow child runs and a best config later retrains can use."""
 
 import json
 import uuid
@@ -6,12 +6,13 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
+from deploy.registry import KIND_TAG
 from schemas.events import RetrainRequest
 from schemas.settings import Settings, with_overrides
 from trainer import tracking
+from trainer.data import steps_for_epochs
 from trainer.registry import bootstrap
 from trainer.retrain import effective_settings, steps_from_epochs
-from trainer.data import steps_for_epochs
 from trainer.tune import run_tune, search_space, trial_overrides
 
 TINY_TRAIN = {
@@ -47,8 +48,13 @@ def test_epochs_become_max_steps_at_the_micro_batch():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_dir, tmp_path):
-    tune = {"num_samples": 2, "max_steps": 2, "workers_per_trial": 1, "max_concurrent": 2, "epochs": [0.5, 1]}
+def test_asha_stops_a_trial_early_and_writes_child_runs_and_a_usable_best_config(stack, tiny_model_dir, tmp_path):
+    # Every trial is 2 or 4 steps (8 rows, micro batch 2, half or one epoch) with a report per step. ASHA's one rung
+    # that can stop a trial is the first report (grace 1): a trial whose val_loss there is worse than the top quarter
+    # of the trials before it stops after 1 step. One at a time, from seeded samples on a deterministic CPU run, the
+    # trials reach that rung in the same order with the same losses every time, so the stop is not left to timing.
+    tune = {"num_samples": 4, "max_steps": 2, "workers_per_trial": 1, "max_concurrent": 1, "epochs": [0.5, 1],
+            "micro_batches": [2], "grace_checkpoints": 1}  # fmt: skip
     overrides = {"mlflow": {"registered_model": f"t-tune-{uuid.uuid4().hex[:8]}"}, "train": TINY_TRAIN, "tune": tune}
     settings = with_overrides(stack, overrides)
     bootstrap(settings, from_path=tiny_model_dir)
@@ -58,20 +64,29 @@ def test_two_trials_write_child_runs_and_a_usable_best_config(stack, tiny_model_
 
     client = MlflowClient(settings.mlflow.tracking_uri)
     parents = client.search_runs(
-        [tracking.experiment_id(settings)], filter_string=f"tags.`{tracking.KIND_TAG}` = 'tune'", order_by=["attributes.start_time DESC"], max_results=1
+        [tracking.experiment_id(settings)],
+        filter_string=f"tags.`{KIND_TAG}` = 'tune'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     parent = parents[0]
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 2 and all(c.data.tags[tracking.KIND_TAG] == "tune-trial" for c in children)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4 and all(c.data.tags[KIND_TAG] == "tune-trial" for c in children)
     assert all("val_loss" in c.data.metrics for c in children)
     assert json.loads((tmp_path / "best.json").read_text()) == best
     assert {"lr", "micro_batch_size", "lora", "epochs"} == set(best) and best["epochs"] in (0.5, 1)
-    # 8 replay rows on one worker: an epoch is 4, 2 or 1 steps at micro batch 2, 4 or 8.
-    expected = {t["train"]["epochs"] * 8 // t["train"]["micro_batch_size"] or 1 for t in search["trials"]}
-    assert {int(c.data.params["max_steps"]) for c in children} == expected
-    assert all(t["val_loss"] is not None for t in search["trials"])
+    # 8 replay rows on one worker at micro batch 2: an epoch is 4 steps.
+    planned = [int(t["train"]["epochs"] * 8 // 2) for t in search["trials"]]
+    assert sorted(int(c.data.params["max_steps"]) for c in children) == sorted(planned)
+    assert all(t["val_loss"] is not None and t["error"] is None for t in search["trials"])
+    stopped = [t for t, steps in zip(search["trials"], planned, strict=True) if t["steps"] < steps]
+    assert stopped and all(t["steps"] == 1 for t in stopped), search["trials"]  # ASHA cut them at the first rung
 
     request = RetrainRequest(request_id="rr-x", reason="manual", watermark=0, overrides={"train": {"lr": 0.5}})
-    tuned = effective_settings(with_overrides(settings, {"train": {"tuned_config": str(tmp_path / "best.json")}}), request)
+    tuned = effective_settings(
+        with_overrides(settings, {"train": {"tuned_config": str(tmp_path / "best.json")}}), request
+    )
     assert tuned.train.lora.r == best["lora"]["r"] and tuned.train.micro_batch_size == best["micro_batch_size"]
     assert tuned.train.lr == 0.5  # the request's own override wins over the tuned default

@@ -42,6 +42,6 @@ class MedqaText(evaluate.Metric):
         if not predictions:
             return {"rougeL": 0.0, "bleu": 0.0}
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+        rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
         bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
         return {"rougeL": sum(rouge) / len(rouge), "bleu": bleu}
