@@ -45,7 +45,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "attn_implementation": "flex_attention", "compile": True, "max_length": 2048, "micro_batch_size": 8,
             "epochs": 2, "warmup_steps": 20, "checkpoint_every_steps": 100, "val_rows": 128,
         },
-        "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None, "batch_size": 128},
+        "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None,
+                     "batch_size": 128},
         "trigger": {"cooldown_s": 0},
     },
     # Two shared CPU cores: the demo's shape (two Ray workers) at a size that measures the overheads.
@@ -64,6 +65,7 @@ LENIENT_RULES = {"schema_version": 1, "rules": [
     {"name": "degenerate_bounded", "metric": "medquad.degenerate_rate", "kind": "value", "op": "<=", "threshold": 1.0},
 ]}
 SERVICES = ("accumulator", "orchestrator")
+SETTINGS_KEPT = ("train", "evaluate", "trigger", "orchestrator", "s3")
 
 
 def isolated(settings: Settings) -> Settings:
@@ -149,9 +151,9 @@ def stage_table(timeline) -> list[dict[str, Any]]:
 def run_round(settings: Settings, events: list, timeout_s: float, answers_url: str | None) -> dict[str, Any]:
     """Publish ``events`` (they cross the threshold), wait for the final status, read the round's timeline."""
     from schemas.events import utcnow
-    from services.stream import publisher
     from services.loop.demo import FINAL_PHASES, wait_for_final
     from services.loop.timeline import retrain_timeline
+    from services.stream import publisher
 
     since = utcnow()
     publisher.publish(settings, events)
@@ -173,23 +175,24 @@ def run_round(settings: Settings, events: list, timeout_s: float, answers_url: s
 
 def tune_starts(settings: Settings, trials: int, out_dir: Path) -> list[dict[str, float]]:
     """A Ray Tune search of ``trials`` trials, one at a time: how long each trial took to reach its first step."""
-    from services.loop.timeline import training_window
     from deploy.registry import mlflow_client
+    from services.loop.timeline import training_window
     from trainer.tune import run_tune
 
     tune = {"num_samples": trials, "max_steps": 2 * settings.train.checkpoint_every_steps, "max_concurrent": 1,
             "micro_batches": [settings.train.micro_batch_size], "epochs": []}  # fmt: skip
     summary = run_tune(with_overrides(settings, {"tune": tune}), None, out_dir / "tuned.json")
     mlflow = mlflow_client(settings)
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name(settings.mlflow.experiment).experiment_id],
-                              filter_string=f"tags.`medretrain.tune_id` = '{summary['tune_id']}' and tags.`medretrain.kind` = 'tune-trial'",
-                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    experiment = mlflow.get_experiment_by_name(settings.mlflow.experiment).experiment_id
+    trial_runs = f"tags.`medretrain.tune_id` = '{summary['tune_id']}' and tags.`medretrain.kind` = 'tune-trial'"
+    runs = mlflow.search_runs([experiment], filter_string=trial_runs, order_by=["attributes.start_time ASC"])
     figures, previous_end = [], None
     for i, r in enumerate(runs):
         first_step = training_window(mlflow, r.info.run_id)[0]
         # The run opens inside the trial; the previous trial's end also counts the trial's process start-up.
+        since_previous = None if previous_end is None else round(first_step - previous_end, 2)
         figures.append({"trial": i, "run_start_to_first_step_s": round(first_step - r.info.start_time / 1000, 2),
-                        "previous_trial_end_to_first_step_s": None if previous_end is None else round(first_step - previous_end, 2)})  # fmt: skip
+                        "previous_trial_end_to_first_step_s": since_previous})  # fmt: skip
         previous_end = r.info.end_time / 1000
     return figures
 
@@ -233,7 +236,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     parser.add_argument("--events", type=int, help="production events of the measured round (also the threshold)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama as the base (CPU rehearsal)")
-    parser.add_argument("--base-model", type=Path, help="local HF checkpoint as the base (default: the shipped SmolLM2)")
+    parser.add_argument("--base-model", type=Path, help="local HF checkpoint as the base (default: shipped SmolLM2)")
     parser.add_argument("--answers-url", help="answer service to wait on for the swap")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="use the settings' own names")
     parser.add_argument("--tune-trials", type=int, default=3, help="then a Tune search of this many trials (0: none)")
@@ -259,13 +262,14 @@ def main() -> None:
     name = card()
     results = {"benchmark": "round_latency", "card": name, "profile": args.profile, "events": args.events,
                "tiny_model": args.tiny, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "settings": {k: settings.model_dump(mode="json")[k] for k in ("train", "evaluate", "trigger", "orchestrator")},
+               "settings": {k: settings.model_dump(mode="json")[k] for k in SETTINGS_KEPT},
                "python": platform.python_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                **results}  # fmt: skip
     out = args.out or REPO / "bench" / "results" / f"round_latency_{name.lower().replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
-    log.info("wrote %s: warm %.1fs, cold %.1fs", out, results["trigger_to_promotion_s"], results["cold_trigger_to_promotion_s"])
+    warm, cold = results["trigger_to_promotion_s"], results["cold_trigger_to_promotion_s"]
+    log.info("wrote %s: warm %.1fs, cold %.1fs", out, warm, cold)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ class BlobCache:
             return None
         from deploy.clients import boto3_s3
 
-        return cls(boto3_s3(settings), settings.s3.checkpoints_bucket, _root(settings), kind, settings.s3.cache_max_mb * 2**20)
+        bucket, max_bytes = settings.s3.checkpoints_bucket, settings.s3.cache_max_mb * 2**20
+        return cls(boto3_s3(settings), bucket, _root(settings), kind, max_bytes)
 
     def _name(self, key: str) -> str:
         return f"{self.root}{self.kind}/{key}"

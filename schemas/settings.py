@@ -280,7 +280,9 @@ class OrchestratorSettings(_Section):
     max_attempts: int = Field(2, ge=1)
     """Ray job attempts per retrain request before it is marked failed."""
     poll_interval_s: float = Field(1.0, gt=0)
-    """Longest wait for a request on the topic between two looks at the running job."""
+    """Longest wait for a request on the topic while no retrain is in progress."""
+    follow_interval_s: float = Field(0.25, gt=0)
+    """Seconds between two looks at a running Ray job (its end starts the gate)."""
     max_step_s: float = Field(3600.0, gt=0)
     """Longest expected gap between two consumer polls (the Kafka max poll interval of the orchestrator)."""
 

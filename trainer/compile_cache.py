@@ -77,11 +77,15 @@ class CompileCache(L.Callback):
             log.info("compile cache %s: miss", self.key)
             return False
         try:
-            torch.compiler.load_cache_artifacts(body)
+            info = torch.compiler.load_cache_artifacts(body)  # None: the bytes did not deserialize
         except Exception as e:  # noqa: BLE001 - any unreadable entry: compile from nothing, never half-loaded
-            log.warning("compile cache %s unusable (%s): compiling afresh", self.key, e)
+            info, why = None, str(e)
+        else:
+            why = "not torch cache artifacts"
+        if info is None:
+            log.warning("compile cache %s unusable (%s): compiling afresh, then replacing it", self.key, why)
             return False
-        log.info("compile cache %s: %d bytes restored", self.key, len(body))
+        log.info("compile cache %s: %d bytes restored (%s)", self.key, len(body), dict(info.artifacts))
         return True
 
     def save(self) -> None:

@@ -110,6 +110,6 @@ class CachedEncoder:
 
 
 def item_encoder(settings: Settings, write: bool) -> Encode:
-    """``encode_rows`` with the S3 cache (``write``: this process adds what it encoded), or plain when caches are off."""
+    """``encode_rows`` through the S3 cache (``write``: this process adds what it encoded); plain with caches off."""
     cache = BlobCache.open(settings, KIND)
     return data.encode_rows if cache is None else CachedEncoder(cache, write)

@@ -17,6 +17,8 @@ from schemas.settings import Settings
 
 GATE_STEPS = ("champion", "candidate")
 """``eval.seconds.<step>`` metrics the evaluator logs on the candidate run, in the order they ran."""
+COMPILE_STAGE = "Ray job: first step beyond a steady step (compile)"
+"""Its floor is 0: a compile cache hit leaves the first step about as long as the others."""
 WORKER_POINTS = ("model_loaded", "data_ready")
 """``timeline.<point>`` metrics rank 0 logs inside the Ray job (trainer.callbacks.StepMetrics), in order."""
 
@@ -64,8 +66,8 @@ class Timeline:
         return self.total_s - self.training_s
 
 
-def _trigger_points(settings: Settings, request_id: str) -> tuple[float, float, float]:
-    """(round start, snapshot recorded, request published) as epoch seconds.
+def _trigger_points(settings: Settings, request_id: str) -> tuple[tuple[float, float, float], str | None]:
+    """((round start, snapshot recorded, request published) as epoch seconds, the gate's Ray job id).
 
     A threshold round starts when the row that crossed the threshold was stored; any other request
     (manual, drift) when it was recorded.
@@ -80,12 +82,12 @@ def _trigger_points(settings: Settings, request_id: str) -> tuple[float, float, 
         snapshot = conn.execute(select(SnapshotRow).where(SnapshotRow.snapshot_id == request.snapshot_id)).one()
         crossing = request.created_at
         if request.reason == "threshold":
-            rows = (
-                select(QAEventRow.ingested_at).where(QAEventRow.row_id >= snapshot.min_row_id).order_by(QAEventRow.row_id)
-            )
+            since = select(QAEventRow.ingested_at).where(QAEventRow.row_id >= snapshot.min_row_id)
+            rows = since.order_by(QAEventRow.row_id)
             crossing = conn.execute(rows.offset(settings.trigger.threshold - 1).limit(1)).scalar_one()
     engine.dispose()
-    return tuple(as_utc(t).timestamp() for t in (crossing, snapshot.created_at, request.published_at))
+    points = tuple(as_utc(t).timestamp() for t in (crossing, snapshot.created_at, request.published_at))
+    return points, request.gate_job_id
 
 
 def _history(client, run_id: str, key: str) -> list:
@@ -139,7 +141,7 @@ def _job_points(client, run, job_end: float) -> list[tuple[str, float | None]]:
         ("Ray job: rows read, worker group started, model loaded and LoRA attached", marks.get("model_loaded")),
         ("Ray job: rows tokenized and packed in the workers", marks.get("data_ready")),
         ("Ray job: process group, data loader, first batch", train_from),
-        ("Ray job: first step beyond a steady step (compile)", train_from + figures.compile_s),
+        (COMPILE_STAGE, train_from + figures.compile_s),
         (f"Ray job: training, {steps} steps with validation and checkpoints", train_to),
         ("Ray job: last checkpoint, fit end", marks.get("upload_started")),
         ("Ray job: adapter upload", marks.get("uploaded")),
@@ -147,7 +149,8 @@ def _job_points(client, run, job_end: float) -> list[tuple[str, float | None]]:
     ]
 
 
-def _gate_points(settings: Settings, client, run, final: RetrainStatus) -> list[tuple[str, float | None]]:
+def _gate_points(settings: Settings, client, run, gate_job, final: RetrainStatus) -> list[tuple[str, float | None]]:
+    """Points of the gate's Ray job ``gate_job`` (its JobDetails; None: the gate ran inside the orchestrator)."""
     from evaluator.evaluate import RUN_TAG_PREFIX
     from services.store import as_utc
 
@@ -157,12 +160,15 @@ def _gate_points(settings: Settings, client, run, final: RetrainStatus) -> list[
     if final.model_version:
         version = client.get_model_version(settings.mlflow.registered_model, final.model_version)
         registered = version.creation_timestamp / 1000
+    started, ended = (gate_job.start_time / 1000, gate_job.end_time / 1000) if gate_job else (None, None)
     return [
-        ("gate: job end seen, eval sets read, champion resolved", decided - sum(gate)),
+        ("orchestrator: training job end seen, gate job submitted", started),
+        ("gate: job start-up (runtime env, imports), eval sets read, champion resolved", decided - sum(gate)),
         ("gate: champion scored (sets cached on its run are reused)", decided - gate[1]),
         ("gate: candidate scored", decided),
         ("gate: decision and report recorded, version registered", registered),
-        ("gate: aliases moved, final status published", as_utc(final.at).timestamp()),
+        ("gate: aliases moved, job exit", ended),
+        ("orchestrator: gate job end seen, final status published", as_utc(final.at).timestamp()),
     ]
 
 
@@ -184,8 +190,10 @@ def retrain_timeline(settings: Settings, request_id: str, started: RetrainStatus
 
     from deploy.registry import mlflow_client
 
-    crossed, snapshot, published = _trigger_points(settings, request_id)
-    job = JobSubmissionClient(settings.ray.address).get_job_info(started.ray_job_id)
+    (crossed, snapshot, published), gate_job_id = _trigger_points(settings, request_id)
+    jobs = JobSubmissionClient(settings.ray.address)
+    job = jobs.get_job_info(started.ray_job_id)
+    gate_job = jobs.get_job_info(gate_job_id) if gate_job_id else None
     client = mlflow_client(settings)
     run = client.get_run(final.run_id)
     train_from, train_to, _ = training_window(client, final.run_id)
@@ -195,7 +203,7 @@ def retrain_timeline(settings: Settings, request_id: str, started: RetrainStatus
         ("trigger: request recorded and published", published),
         ("orchestrator: request picked up, Ray job submitted", started.at.timestamp()),
         *_job_points(client, run, job.end_time / 1000),
-        *_gate_points(settings, client, run, final),
+        *_gate_points(settings, client, run, gate_job, final),
     ]
     stages = _stages(crossed, points)
     training = next(name for name, _ in stages if name.startswith("Ray job: training"))
@@ -205,6 +213,6 @@ def retrain_timeline(settings: Settings, request_id: str, started: RetrainStatus
         trigger_latency_s=started.at.timestamp() - crossed,
         ray_job_s=(job.end_time - job.start_time) / 1000,
         training_s=train_to - train_from,
-        floors={training: figures.tokens / figures.tokens_per_s, "Ray job: first step beyond a steady step (compile)": 0.0},
+        floors={training: figures.tokens / figures.tokens_per_s, COMPILE_STAGE: 0.0},
         steps=figures,
     )

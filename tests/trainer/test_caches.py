@@ -26,7 +26,7 @@ from trainer.model import load_base
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-MEDQUAD = [QAPair(question=f"What is disease {i}?", answer=f"Disease {i} is a rare condition of organ {i % 5}.", source="m")
+MEDQUAD = [QAPair(question=f"What is disease {i}?", answer=f"Disease {i} is rare, of organ {i % 5}.", source="m")
            for i in range(20)]  # fmt: skip
 PRODUCTION = [QAPair(question=f"How is case {i} treated?", answer=f"Case {i} is treated with rest.", source="p",
                      event_id=str(uuid.uuid4())) for i in range(6)]  # fmt: skip
@@ -142,15 +142,17 @@ def _compile_in_a_fresh_process(settings, key: str, tmp_path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_compiled_kernels_come_back_from_s3_in_a_new_process(settings, tmp_path):
+    """Inductor on the CPU: about a minute per fresh process on an idle 2-core host."""
     first = _compile_in_a_fresh_process(settings, "k1", tmp_path)
     second = _compile_in_a_fresh_process(settings, "k1", tmp_path)
-    other = _compile_in_a_fresh_process(settings, "k2", tmp_path)
-    assert (first["hit"], second["hit"], other["hit"]) == (False, True, False)
-    assert second["fx_hits"] >= 1 and first["fx_hits"] == 0
+    assert (first["hit"], second["hit"]) == (False, True)
+    assert first["fx_hits"] == 0 and second["fx_hits"] >= 1  # the graph came from the S3 entry, not compiled again
     assert first["out"] == second["out"]
     cache = BlobCache.open(settings, "compile")
-    cache.client.put_object(Bucket=cache.bucket, Key=cache._name("k1"), Body=b"not a cache",
-                            Metadata={"sha256": __import__("hashlib").sha256(b"not a cache").hexdigest()})  # fmt: skip
+    assert CompileCache(cache, "k2").restore() is False  # another key: a miss
+    cache.put("k1", b"not a cache")  # a sound checksum over bytes torch cannot read
     damaged = _compile_in_a_fresh_process(settings, "k1", tmp_path)
     assert damaged["hit"] is False and damaged["out"] == first["out"]
+    assert cache.get("k1") != b"not a cache"  # replaced by the rebuilt kernels
