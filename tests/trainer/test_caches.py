@@ -11,17 +11,19 @@ import sys
 import uuid
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from deploy.cache import BlobCache, purge
 from schemas.data import QAPair
-from schemas.settings import TrainSettings, with_overrides
+from schemas.settings import LoraSettings, TrainSettings, with_overrides
 from trainer import item_cache
 from trainer.compile_cache import CompileCache, compile_key
 from trainer.data import collate_packed_items, training_items
 from trainer.loss import answer_loss
-from trainer.model import load_base
+from trainer.model import attach_lora, load_base
+from trainer.module import LoraFineTune, RankData
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +158,34 @@ def test_compiled_kernels_come_back_from_s3_in_a_new_process(settings, tmp_path)
     damaged = _compile_in_a_fresh_process(settings, "k1", tmp_path)
     assert damaged["hit"] is False and damaged["out"] == first["out"]
     assert cache.get("k1") != b"not a cache"  # replaced by the rebuilt kernels
+
+
+class Losses(L.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(outputs["loss"]))
+
+
+def _losses(model_dir: Path, encode) -> list[float]:
+    torch.manual_seed(0)
+    model, tokenizer = load_base(model_dir)
+    cfg = CFG.model_copy(update={"max_steps": 4, "checkpoint_every_steps": 2, "warmup_steps": 1, "lr": 5e-3})
+    losses = Losses()
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=[losses],
+        reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    module = LoraFineTune(attach_lora(model, LoraSettings(r=4, alpha=8)), cfg)
+    trainer.fit(module, datamodule=RankData([*PRODUCTION, *MEDQUAD], MEDQUAD[:4], tokenizer, cfg, encode=encode))
+    return losses.values
+
+
+def test_a_fit_through_the_cache_has_the_losses_of_a_plain_fit(settings, tiny_model_dir):
+    plain = _losses(tiny_model_dir, None)
+    _losses(tiny_model_dir, _encoder(settings))  # fills the cache
+    encoder = _encoder(settings)
+    assert _losses(tiny_model_dir, encoder) == plain and len(plain) == 4
+    assert encoder.stats["cached"] == len(MEDQUAD) + 4  # training and validation MedQuAD rows came from S3
