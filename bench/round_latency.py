@@ -188,12 +188,12 @@ def tune_starts(settings: Settings, trials: int, out_dir: Path) -> list[dict[str
     runs = mlflow.search_runs([experiment], filter_string=trial_runs, order_by=["attributes.start_time ASC"])
     figures, previous_end = [], None
     for i, r in enumerate(runs):
-        first_step = training_window(mlflow, r.info.run_id)[0]
+        first_step, last_step, _ = training_window(mlflow, r.info.run_id)
         # The run opens inside the trial; the previous trial's end also counts the trial's process start-up.
         since_previous = None if previous_end is None else round(first_step - previous_end, 2)
         figures.append({"trial": i, "run_start_to_first_step_s": round(first_step - r.info.start_time / 1000, 2),
                         "previous_trial_end_to_first_step_s": since_previous})  # fmt: skip
-        previous_end = r.info.end_time / 1000
+        previous_end = last_step  # a trial ASHA stopped keeps its run open: no end time
     return figures
 
 
@@ -203,7 +203,8 @@ def card() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run(settings: Settings, args: argparse.Namespace, save) -> None:
+    """Both rounds, saved as soon as they are done (``save(figures)``), then the Tune search."""
     from deploy import stack
     from deploy.clients import ensure_topics
     from evaluator.evaluate import measure_champion, medquad_set
@@ -224,11 +225,12 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         warm = run_round(settings, split_events("production", args.events, seed=28), args.timeout, args.answers_url)
     finally:
         stop_services(procs)
-    trials = tune_starts(settings, args.tune_trials, args.logs) if args.tune_trials else []
     serving = {"trigger_to_serving_s": warm["trigger_to_serving_s"]} if "trigger_to_serving_s" in warm else {}
-    return {**serving, "trigger_to_promotion_s": warm["trigger_to_promotion_s"],
-            "cold_trigger_to_promotion_s": cold["trigger_to_promotion_s"], "stage_table": warm["stages"],
-            "tune_trials": trials, "warm": warm, "cold": cold}  # fmt: skip
+    save({**serving, "trigger_to_promotion_s": warm["trigger_to_promotion_s"],
+          "cold_trigger_to_promotion_s": cold["trigger_to_promotion_s"], "stage_table": warm["stages"],
+          "warm": warm, "cold": cold})  # fmt: skip
+    if args.tune_trials:
+        save({"tune_trials": tune_starts(settings, args.tune_trials, args.logs)})
 
 
 def main() -> None:
@@ -257,20 +259,21 @@ def main() -> None:
         settings = isolated(settings)
     if args.answers_url is None and importlib.util.find_spec("services.answers") is not None:
         log.warning("services.answers exists: pass --answers-url to time the swap; stopping the clock at the promotion")
-    load_before = os.getloadavg()
-    results = run(settings, args)
     name = card()
-    results = {"benchmark": "round_latency", "card": name, "profile": args.profile, "events": args.events,
-               "tiny_model": args.tiny, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "settings": {k: settings.model_dump(mode="json")[k] for k in SETTINGS_KEPT},
-               "python": platform.python_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               **results}  # fmt: skip
     out = args.out or REPO / "bench" / "results" / f"round_latency_{name.lower().replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    warm, cold = results["trigger_to_promotion_s"], results["cold_trigger_to_promotion_s"]
-    log.info("wrote %s: warm %.1fs, cold %.1fs", out, warm, cold)
+    results = {"benchmark": "round_latency", "card": name, "profile": args.profile, "events": args.events,
+               "tiny_model": args.tiny, "load_average_before": os.getloadavg(),
+               "settings": {k: settings.model_dump(mode="json")[k] for k in SETTINGS_KEPT},
+               "python": platform.python_version()}  # fmt: skip
 
+    def save(figures: dict[str, Any]) -> None:
+        results.update(figures, load_average_after=os.getloadavg(),
+                       measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=str))
+        log.info("wrote %s", out)
+
+    run(settings, args, save)
 
 if __name__ == "__main__":
     main()
