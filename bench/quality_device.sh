@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# bench/quality.py on a lent GPU node (issue 10). Its image has torch, transformers, peft and
+# bench/quality.py (or BENCH=round_latency: bench/round_latency.py) on a lent GPU node (issue 10). Its image has torch, transformers, peft and
 # lightning but none of the rest, and no PostgreSQL: the rest arrives as a prepared site-packages
 # tree (python 3.12, `pip install --no-deps --target`) plus the shipped GGUF, and both stores run
 # on SQLite. Stages finish into $OUT/quality.json; a later call with the same file resumes there.
 #
 #   SITE=/tmp/site312 bash bench/quality_device.sh --until tune
 #   CARRY=/tmp/keep bash bench/quality_device.sh          # first unpack what bench/carry_site.sh made
+#   BENCH=round_latency bash bench/quality_device.sh --out $OUT/round_latency_h100.json
 set -euo pipefail
 SITE=${SITE:-/tmp/site312}
 if [ ! -d "$SITE" ] && [ -n "${CARRY:-}" ]; then
@@ -28,4 +29,5 @@ export MEDRETRAIN_DATABASE__URL=sqlite:///$MEDRETRAIN_STACK__HOME/medretrain.db
 export MEDRETRAIN_STREAM__METRICS_PORT=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$MEDRETRAIN_STACK__HOME"
 python -m services stack up
-python bench/quality.py --out "${RESULTS:-$MEDRETRAIN_STACK__HOME/quality.json}" "$@"
+BENCH=${BENCH:-quality}
+python bench/$BENCH.py --out "${RESULTS:-$MEDRETRAIN_STACK__HOME/$BENCH.json}" "$@"

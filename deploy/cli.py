@@ -63,6 +63,8 @@ def down_command(
     from deploy.embedded.postgres import drop_databases
 
     settings, console = settings_of(ctx), Console()
+    if purge:
+        _purge_caches(settings, console)
     for name in stack.APP_SERVICES:
         process.stop(settings.stack.home, name)
     stopped = stack.down(settings, progress=lambda m: console.print(f"[green]✓[/] {m}"))
@@ -89,6 +91,18 @@ def add_node_command(ctx: typer.Context) -> None:
         console.print(f"[red]✗ {e}[/]")
         raise typer.Exit(1) from e
     console.print(f"[green]✓[/] {name} joined the Ray head as node {node_id}; `medretrain stack down` stops it")
+
+
+def _purge_caches(settings, console) -> None:
+    """The retrains' caches go while S3 still runs: an external S3 (compose, cloud) keeps them past the stack home."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from deploy.cache import purge
+
+    try:
+        console.print(f"[green]✓[/] removed {purge(settings)} cache entries under {settings.s3.cache_prefix}/")
+    except (BotoCoreError, ClientError, RuntimeError) as e:  # S3 down or never set up: nothing reachable to remove
+        console.print(f"[yellow]![/] caches not purged from S3 ({e}); the stack home's own S3 data goes with it")
 
 
 @stack_app.command("status")

@@ -14,6 +14,7 @@ import argparse
 import logging
 
 import evaluator
+from deploy.ray_env import exit_driver
 from schemas.artifacts import Verdict
 from schemas.settings import Settings, load_settings
 
@@ -44,3 +45,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_driver()

@@ -61,6 +61,10 @@ class S3Settings(_Section):
     datasets_bucket: str = "medretrain-datasets"
     retries: int = Field(5, ge=0)
     """Bounded retries (exponential backoff) for S3 writes before a clean failure."""
+    cache_prefix: str = Field("cache", min_length=1)
+    """Prefix in the checkpoints bucket of what retrains reuse: tokenized MedQuAD rows, torch.compile's kernels."""
+    cache_max_mb: int = Field(4096, ge=0)
+    """Size bound of everything under ``cache_prefix``; the oldest entries go first. 0 turns the caches off."""
 
 
 class DatabaseSettings(_Section):
@@ -299,7 +303,9 @@ class OrchestratorSettings(_Section):
     max_attempts: int = Field(2, ge=1)
     """Ray job attempts per retrain request before it is marked failed."""
     poll_interval_s: float = Field(1.0, gt=0)
-    """Longest wait for a request on the topic between two looks at the running job."""
+    """Longest wait for a request on the topic while no retrain is in progress."""
+    follow_interval_s: float = Field(0.25, gt=0)
+    """Seconds between two looks at a running Ray job (its end starts the gate)."""
     max_step_s: float = Field(3600.0, gt=0)
     """Longest expected gap between two consumer polls (the Kafka max poll interval of the orchestrator)."""
 

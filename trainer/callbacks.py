@@ -11,15 +11,17 @@ import torch
 
 from deploy.registry import mlflow_client
 from schemas.settings import Settings
-from trainer.tracking import log_json
+from trainer.tracking import log_json, mark
 
 
 def upload_adapter(settings: Settings, run_id: str, model, tokenizer) -> None:
     """The PEFT adapter (safetensors) and the tokenizer under the run's ``adapter/`` artifact folder."""
+    mark(settings, run_id, "upload_started")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         mlflow_client(settings).log_artifacts(run_id, tmp, artifact_path="adapter")
+    mark(settings, run_id, "uploaded")
 
 
 def peak_memory_mb() -> float:
@@ -30,7 +32,8 @@ def peak_memory_mb() -> float:
 
 
 class StepMetrics(L.Callback):
-    """Per optimizer step: train_loss, lr, step, time_per_iter, tokens_per_s, peak_memory_mb; val_loss.
+    """Per optimizer step: train_loss, lr, step, time_per_iter, tokens_per_s, peak_memory_mb; val_loss; and the
+    worker's ``timeline.model_loaded`` / ``timeline.data_ready`` points.
 
     Every rank joins the token all-reduce (so tokens/s counts all ranks); only global rank 0 talks
     to MLflow, and only when a ``run_id`` is given.
@@ -40,6 +43,13 @@ class StepMetrics(L.Callback):
         self.settings, self.run_id = settings, run_id
         self.tokens = 0
         self.last = time.perf_counter()
+        self.built_at = time.time()  # the worker builds its callbacks once its model is loaded
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls this right after the data module's setup: the rows are tokenized (and packed) by now.
+        if self.run_id and trainer.is_global_zero:
+            mark(self.settings, self.run_id, "model_loaded", self.built_at)
+            mark(self.settings, self.run_id, "data_ready")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last = time.perf_counter()  # time per step excludes data reloads and validation

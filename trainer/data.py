@@ -105,9 +105,12 @@ def pack_items(
     return [(tuple(items[m][0] for m in row.members), row) for row in rows]
 
 
-def training_items(tokenizer, rows: Sequence[QAPair], train) -> list:
-    """What a sampler walks over: encoded pairs, or packed rows of them with ``train.packing``."""
-    items = encode_rows(tokenizer, rows, train.max_length)
+def training_items(tokenizer, rows: Sequence[QAPair], train, encode=None) -> list:
+    """What a sampler walks over: encoded pairs, or packed rows of them with ``train.packing``.
+
+    ``encode`` replaces :func:`encode_rows` (same signature, same result), e.g. by one with a cache.
+    """
+    items = (encode or encode_rows)(tokenizer, rows, train.max_length)
     return pack_items(items, train.max_length, tokenizer.pad_token_id) if train.packing else items
 
 

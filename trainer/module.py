@@ -86,16 +86,19 @@ class LoraFineTune(L.LightningModule):
 class RankData(L.LightningDataModule):
     """This rank's micro-batches: a :class:`StepBatchSampler` window per epoch, evaluation shard for validation."""
 
-    def __init__(self, train_rows: Sequence[QAPair], val_rows: Sequence[QAPair], tokenizer, train: TrainSettings):
+    def __init__(self, train_rows: Sequence[QAPair], val_rows: Sequence[QAPair], tokenizer, train: TrainSettings,
+                 encode=None):
         super().__init__()
         self.train_rows, self.val_rows = list(train_rows), list(val_rows)
         self.tokenizer, self.cfg = tokenizer, train
+        self.encode = encode
+        """Replaces ``encode_rows`` (trainer.item_cache.item_encoder: cached MedQuAD encodings)."""
         self.resumed_from: dict[str, int] | None = None
 
     def setup(self, stage: str) -> None:
-        self.train_items = training_items(self.tokenizer, self.train_rows, self.cfg)
+        self.train_items = training_items(self.tokenizer, self.train_rows, self.cfg, self.encode)
         # Packed like training rows: fixed shapes, so a compiled model is not recompiled per validation batch.
-        self.val_items = training_items(self.tokenizer, self.val_rows, self.cfg)
+        self.val_items = training_items(self.tokenizer, self.val_rows, self.cfg, self.encode)
 
     def _collate(self):
         return partial(collate, pad_id=self.tokenizer.pad_token_id)

@@ -34,7 +34,7 @@ import lightning as L
 
 import trainer
 from deploy.clients import pyarrow_s3
-from deploy.ray_env import ray_address
+from deploy.ray_env import exit_driver, ray_address
 from deploy.registry import BASE_VERSION_TAG, CHAMPION, KIND_TAG, REQUEST_TAG
 from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, SnapshotManifest, TrainedAdapter
 from schemas.data import QAPair
@@ -105,10 +105,14 @@ def steps_from_epochs(settings: Settings, items: int) -> Settings:
 
 
 def count_items(settings: Settings, rows: Sequence[QAPair], model_dir) -> int:
-    """Training items the workers will walk over: tokenized (and packed) as they do it."""
+    """Training items the workers will walk over: tokenized (and packed) as they do it.
+
+    The encodings go to the item cache, so this round's workers (on any node) read them instead of encoding again.
+    """
+    from trainer.item_cache import item_encoder
     from trainer.model import load_tokenizer
 
-    return len(training_items(load_tokenizer(model_dir), rows, settings.train))
+    return len(training_items(load_tokenizer(model_dir), rows, settings.train, item_encoder(settings, write=True)))
 
 
 def run_params(settings: Settings, request: RetrainRequest, parent) -> dict[str, Any]:
@@ -191,6 +195,8 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayTrainReportCallback
 
+    from trainer.compile_cache import CompileCache
+    from trainer.item_cache import item_encoder
     from trainer.model import attach_lora, load_base
     from trainer.module import LoraFineTune, RankData
     from trainer.registry import resolve
@@ -205,9 +211,11 @@ def train_func(config: dict[str, Any]) -> None:
         [QAPair.model_validate(r) for r in config["val_rows"]],
         tokenizer,
         settings.train,
+        encode=item_encoder(settings, write=ray.train.get_context().get_world_rank() == 0),
     )
     checkpoint = ray.train.get_checkpoint()
-    trainer = build_lightning_trainer(settings, config["run_id"], first_attempt=checkpoint is None)
+    caches = [c for c in [CompileCache.for_model(settings, model)] if c is not None]
+    trainer = build_lightning_trainer(settings, config["run_id"], checkpoint is None, extra_callbacks=caches)
     with checkpoint.as_directory() if checkpoint else nullcontext() as ckpt_dir:
         ckpt_path = os.path.join(ckpt_dir, RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_dir else None
         trainer.fit(LoraFineTune(model, settings.train), datamodule=data, ckpt_path=ckpt_path)
@@ -330,3 +338,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_driver()

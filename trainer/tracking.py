@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,3 +110,15 @@ def log_json(settings: Settings, run_id: str, name: str, payload: Any, artifact_
         path = Path(tmp) / name
         path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
         mlflow_client(settings).log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+TIMELINE_METRIC = "timeline.{point}"
+"""Zero-valued metrics whose timestamps mark points inside the Ray job (services/loop/timeline.py reads them)."""
+
+
+def mark(settings: Settings, run_id: str, point: str, at: float | None = None) -> None:
+    """Record that ``point`` (``model_loaded``, ``data_ready``, ``upload_started``, ``uploaded``) was reached."""
+    from mlflow.entities import Metric
+
+    stamp = int((time.time() if at is None else at) * 1000)
+    mlflow_client(settings).log_batch(run_id, metrics=[Metric(TIMELINE_METRIC.format(point=point), 0.0, stamp, 0)])

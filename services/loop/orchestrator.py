@@ -296,9 +296,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     )
     log.info("orchestrator consuming %s, Ray at %s", settings.kafka.requests_topic, settings.ray.address)
     try:
+        busy = False
         while not stop.is_set():
-            orchestrator.consume(consumer, timeout_ms=int(settings.orchestrator.poll_interval_s * 1000))
-            orchestrator.tick()
+            # While a job runs, look at it often: its end starts the gate, and each look is one HTTP request.
+            wait_s = settings.orchestrator.follow_interval_s if busy else settings.orchestrator.poll_interval_s
+            orchestrator.consume(consumer, timeout_ms=int(wait_s * 1000))
+            busy = orchestrator.tick()
     finally:
         consumer.close()
         orchestrator.producer.close()
