@@ -33,22 +33,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from quality import PROFILES as QUALITY  # noqa: E402 - bench/ is the script's folder: one GPU fast path for both benches
+
 from schemas.settings import Settings, load_settings, with_overrides  # noqa: E402
 
 log = logging.getLogger("bench.round_latency")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # One GPU: the shipped fast path (bench/quality.py's gpu profile), two epochs over the round's rows.
-    "gpu": {
-        "train": {
-            "use_gpu": True, "num_workers": 1, "cpus_per_worker": 4, "precision": "bf16-true", "packing": True,
-            "attn_implementation": "flex_attention", "compile": True, "max_length": 2048, "micro_batch_size": 8,
-            "epochs": 2, "warmup_steps": 20, "checkpoint_every_steps": 100, "val_rows": 128,
-        },
-        "evaluate": {"promotion": "auto", "sample_size": 500, "max_new_tokens": 256, "loss_rows": None,
-                     "batch_size": 128},
-        "trigger": {"cooldown_s": 0},
-    },
+    "gpu": {"train": QUALITY["gpu"]["train"], "evaluate": QUALITY["gpu"]["evaluate"], "trigger": {"cooldown_s": 0}},
     # Two shared CPU cores: the demo's shape (two Ray workers) at a size that measures the overheads.
     "cpu": {
         "train": {

@@ -14,12 +14,14 @@ readable through the Jobs API and the dashboard, so credentials stay where the c
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from schemas.settings import SECRET_SETTINGS, Settings
+from schemas.settings import SECRET_SETTINGS, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "MEDRETRAIN_"
@@ -79,6 +81,16 @@ def runtime_env(settings: Settings) -> dict[str, Any]:
     env["working_dir"] = str(working_dir if working_dir.is_absolute() else (REPO / working_dir).resolve())
     env["env_vars"] = {**env.get("env_vars", {}), **settings_env(settings)}
     return env
+
+
+def job_arguments(prog: str, description: str, option: str, help: str, argv: list[str] | None) -> tuple[Settings, str]:
+    """(settings, the option's value) of a Ray job's entry point: ``<option> VALUE [--set section.field=value ...]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(option, required=True, help=help)
+    parser.add_argument("--set", action="append", default=[], help="settings override section.field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return load_settings(args.set), getattr(args, option.lstrip("-"))
 
 
 def exit_driver() -> None:

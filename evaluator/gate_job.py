@@ -10,13 +10,12 @@ resubmitted after a crash never registers a second version.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import evaluator
-from deploy.ray_env import exit_driver
+from deploy.ray_env import exit_driver, job_arguments
 from schemas.artifacts import Verdict
-from schemas.settings import Settings, load_settings
+from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +33,10 @@ def judge(settings: Settings, run_id: str) -> Verdict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evaluator.gate_job", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="MLflow run id of a finished training run")
-    parser.add_argument("--set", action="append", default=[], help="settings override section.field=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    verdict = judge(load_settings(args.set), args.run)
+    settings, run_id = job_arguments("python -m evaluator.gate_job", __doc__.splitlines()[0], "--run",
+                                     "MLflow run id of a finished training run", argv)
+    verdict = judge(settings, run_id)
     log.info("verdict: %s", verdict.model_dump_json())
-
 
 if __name__ == "__main__":
     main()

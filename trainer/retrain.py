@@ -20,7 +20,6 @@ a run's checkpoints from storage by name, so resubmitting the same request resum
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,12 +33,12 @@ import lightning as L
 
 import trainer
 from deploy.clients import pyarrow_s3
-from deploy.ray_env import exit_driver, ray_address
+from deploy.ray_env import exit_driver, job_arguments, ray_address
 from deploy.registry import BASE_VERSION_TAG, CHAMPION, KIND_TAG, REQUEST_TAG
 from schemas.artifacts import TRAINED_ADAPTER_FILE, Lineage, SnapshotManifest, TrainedAdapter
 from schemas.data import QAPair
 from schemas.events import RetrainRequest
-from schemas.settings import Settings, load_settings, with_overrides
+from schemas.settings import Settings, with_overrides
 from trainer import tracking
 from trainer.callbacks import RowsSeen, StepMetrics, upload_adapter
 from trainer.data import mix_rows, sample_replay, steps_for_epochs, training_items
@@ -325,16 +324,11 @@ def run(settings: Settings, request: RetrainRequest) -> TrainedAdapter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.retrain", description=__doc__.splitlines()[0])
     # JSON only: a worker never opens the service store (ids are resolved by `medretrain train` before submission).
-    parser.add_argument("--request", required=True, help="RetrainRequest JSON")
-    parser.add_argument("--set", action="append", default=[], help="settings override section.field=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    request = RetrainRequest.model_validate_json(args.request)
-    adapter = trainer.run(load_settings(args.set), request)
+    settings, request_json = job_arguments("python -m trainer.retrain", __doc__.splitlines()[0], "--request",
+                                           "RetrainRequest JSON", argv)
+    adapter = trainer.run(settings, RetrainRequest.model_validate_json(request_json))
     log.info("trained adapter: %s", adapter.model_dump_json())
-
 
 if __name__ == "__main__":
     main()
