@@ -25,6 +25,7 @@ from serving_stack import (
 from sqlalchemy import select
 from stream_stack import close_env, open_env
 
+from deploy.embedded.ray import auth_header
 from evaluator import promotion
 from schemas.events import RetrainStatus
 from services.answers.app import canary_share
@@ -258,5 +259,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_deletes_the_application(ser
     sent_before = [r for r in load.results if r[0] < signalled_at]
     assert sent_before and all(r[2] == 200 for r in sent_before), [r[2] for r in sent_before if r[2] != 200]
     assert any(r[1] > signalled_at for r in sent_before), "no request was in flight at the SIGTERM"
-    apps = httpx.get(f"{service.settings.ray.address}/api/serve/applications/", timeout=30).json()
+    # The dashboard asks for the Ray token like every Ray client of the stack.
+    apps = httpx.get(f"{service.settings.ray.address}/api/serve/applications/", headers=auth_header(service.settings),
+                     timeout=30).json()
     assert service.settings.serve.app_name not in apps.get("applications", {})
