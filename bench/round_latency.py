@@ -2,22 +2,23 @@
 
     python bench/round_latency.py                                   # GPU node, stack up: 2,500 events a round
     python bench/round_latency.py --profile cpu --tiny --events 60  # this 2-core machine, a tiny random model
-    python bench/round_latency.py --answers-url http://127.0.0.1:18000   # also wait for the answer service's swap
+    python bench/round_latency.py --serve                           # also start the answer service, time its swap
+    python bench/round_latency.py --answers-url http://127.0.0.1:18100   # or wait on one already running
 
 Everything runs through the product: the embedded stack, a registered base model as champion, the
-accumulator and orchestrator as their own processes (``medretrain serve``), events published to
-Kafka. A first round (MedQuAD training-split pairs published as production events) warms the stack
-and the Ray cluster and gives the cold figure; the measured round publishes ``--events`` pairs of the
-production split, which cross the threshold. Each round's stages are read back from the store, Ray
-and MLflow (``services/loop/timeline.py``), never from this script's clock. ``--isolate`` (default) gives
-the run its own topics, database, buckets, registered model and experiment, so it can share a stack.
+accumulator and orchestrator (and with ``--serve`` the answer service) as their own processes
+(``medretrain serve``), events published to Kafka. A first round (MedQuAD training-split pairs published
+as production events) warms the stack and the Ray cluster and gives the cold figure; the measured round
+publishes ``--events`` pairs of the production split, which cross the threshold. Each round's stages are
+read back from the store, Ray and MLflow (``services/loop/timeline.py``), never from this script's clock;
+the swap is the answer service's first answer by the new version. ``--isolate`` (default) gives the run its
+own topics, database, buckets, registered model and experiment, so it can share a stack.
 Writes ``bench/results/round_latency_<card>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -65,8 +66,10 @@ def isolated(settings: Settings) -> Settings:
     """Own topics, consumer groups, database, buckets, registered model and experiment (a uuid suffix)."""
     from sqlalchemy import make_url
 
+    from deploy.clients import database_url
+
     suffix = uuid.uuid4().hex[:8]
-    url = settings.database.url
+    url = database_url(settings)
     if url.startswith("postgresql"):
         url = make_url(url).set(database=f"medretrain_rl_{suffix}").render_as_string(hide_password=False)
     else:
@@ -82,14 +85,14 @@ def isolated(settings: Settings) -> Settings:
     })  # fmt: skip
 
 
-def start_services(settings: Settings, logs: Path) -> list[subprocess.Popen]:
-    """``medretrain serve accumulator|orchestrator`` with this run's settings, each in its own process."""
+def start_services(settings: Settings, logs: Path, names: tuple[str, ...]) -> list[subprocess.Popen]:
+    """``medretrain serve <name>`` for each of ``names`` with this run's settings, each in its own process."""
     from deploy.ray_env import settings_env
 
-    env = os.environ | settings_env(settings)  # every setting as MEDRETRAIN_* variables, as Ray jobs get them
+    env = os.environ | settings_env(settings, secrets=True)  # every setting as MEDRETRAIN_* variables (the store too)
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
-    for name in SERVICES:
+    for name in names:
         with (logs / f"{name}.log").open("ab") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", "services", "serve", name], cwd=REPO, env=env,
                                           stdout=out, stderr=subprocess.STDOUT))
@@ -119,16 +122,34 @@ def split_events(split: str, n: int, seed: int) -> list:
                     source=p.source, qtype=p.qtype, focus=p.focus) for p in pairs]  # fmt: skip
 
 
-def wait_for_swap(url: str, version: str, timeout_s: float) -> float:
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Until the answer service's ``/v1/readyz`` says a champion is loaded."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/readyz", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # the Serve proxy is not up yet
+        time.sleep(0.5)
+    raise TimeoutError(f"the answer service at {url} was not ready within {timeout_s:.0f}s")
+
+
+def wait_for_swap(settings: Settings, url: str, version: str, timeout_s: float) -> float:
     """Epoch seconds of the first answer the service generated with ``version``."""
     import httpx
 
     from schemas.serving import AnswerRequest, AnswerResponse
+    from services.answers.keys import ensure_keys
 
     body = AnswerRequest(question="What are the symptoms of glaucoma?").model_dump(mode="json")
+    headers = {"Authorization": f"Bearer {ensure_keys(settings).api_key}"}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        answer = AnswerResponse.model_validate_json(httpx.post(f"{url}/v1/answers", json=body, timeout=60).content)
+        response = httpx.post(f"{url}/v1/answers", json=body, headers=headers, timeout=60)
+        answer = AnswerResponse.model_validate_json(response.raise_for_status().content)
         if answer.model_version == version:
             return time.time() - answer.latency_ms / 1000  # the request that was first served by the new version
         time.sleep(0.2)
@@ -160,9 +181,12 @@ def run_round(settings: Settings, events: list, timeout_s: float, answers_url: s
            "ray_job_s": round(timeline.ray_job_s, 2), "training_s": round(timeline.training_s, 2),
            "steps": timeline.steps.__dict__ if timeline.steps else None}  # fmt: skip
     if answers_url:
-        served = wait_for_swap(answers_url, final.model_version, timeout_s)
+        served = wait_for_swap(settings, answers_url, final.model_version, timeout_s)
         out["swap_s"] = round(served - final.at.timestamp(), 2)
         out["trigger_to_serving_s"] = round(timeline.total_s + out["swap_s"], 2)
+        out["stages"].append({"stage": "answer service: promotion seen, first answer by the new version",
+                              "seconds": out["swap_s"], "share": round(out["swap_s"] / out["trigger_to_serving_s"], 4),
+                              "floor_s": None})  # fmt: skip
     return out
 
 
@@ -212,10 +236,19 @@ def run(settings: Settings, args: argparse.Namespace, save) -> None:
     bootstrap(settings, from_path=base)
     # As in the demo: the first champion's MedQuAD baseline is scored once, outside any round.
     measure_champion(settings, resolve(settings, "champion"), [medquad_set(settings)])
-    procs = start_services(settings, args.logs)
+    answers_url = args.answers_url
+    if args.serve:
+        from services.answers.client import service_url
+        from services.answers.keys import ensure_keys
+
+        ensure_keys(settings)  # as `serve answers` does first: the bench asks with the same key
+        answers_url = service_url(settings)
+    procs = start_services(settings, args.logs, SERVICES + (("answers",) if args.serve else ()))
     try:
-        cold = run_round(settings, split_events("train", args.events, seed=28), args.timeout, args.answers_url)
-        warm = run_round(settings, split_events("production", args.events, seed=28), args.timeout, args.answers_url)
+        if args.serve:
+            wait_ready(answers_url, 600)  # a real base loads in well under a minute
+        cold = run_round(settings, split_events("train", args.events, seed=28), args.timeout, answers_url)
+        warm = run_round(settings, split_events("production", args.events, seed=28), args.timeout, answers_url)
     finally:
         stop_services(procs)
     serving = {"trigger_to_serving_s": warm["trigger_to_serving_s"]} if "trigger_to_serving_s" in warm else {}
@@ -232,7 +265,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, help="production events of the measured round (also the threshold)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama as the base (CPU rehearsal)")
     parser.add_argument("--base-model", type=Path, help="local HF checkpoint as the base (default: shipped SmolLM2)")
-    parser.add_argument("--answers-url", help="answer service to wait on for the swap")
+    parser.add_argument("--serve", action="store_true", help="start the answer service too and time its swap")
+    parser.add_argument("--answers-url", help="an answer service already running to wait on for the swap")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="use the settings' own names")
     parser.add_argument("--tune-trials", type=int, default=3, help="then a Tune search of this many trials (0: none)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds each round may take")
@@ -240,6 +274,7 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "round_latency_logs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness and swap polls would fill the log
     args.events = args.events or DEFAULT_EVENTS[args.profile]
     settings = with_overrides(load_settings(), PROFILES[args.profile])
     settings = with_overrides(settings, {"trigger": {"threshold": args.events}})
@@ -250,8 +285,8 @@ def main() -> None:
         settings = with_overrides(settings, {"evaluate": {"gate_rules": str(rules)}})
     if args.isolate:
         settings = isolated(settings)
-    if args.answers_url is None and importlib.util.find_spec("services.answers") is not None:
-        log.warning("services.answers exists: pass --answers-url to time the swap; stopping the clock at the promotion")
+    if not (args.serve or args.answers_url):
+        log.warning("no --serve or --answers-url: stopping the clock at the promotion")
     name = card()
     out = args.out or REPO / "bench" / "results" / f"round_latency_{name.lower().replace(' ', '_')}.json"
     results = {"benchmark": "round_latency", "card": name, "profile": args.profile, "events": args.events,
