@@ -276,3 +276,16 @@ def test_unknown_variable_is_caught() -> None:
         setting_path("MEDRETRAIN_KAFKA")
 
 
+
+
+def test_ray_speaks_token_auth_everywhere(compose: dict[str, Any]) -> None:
+    """Every Ray node and every medretrain process (Ray clients) shares the token; probes of Ray endpoints send it."""
+    ray_ports = {"8265", "52365"}
+    for name, service in compose.items():
+        env = service.get("environment") or {}
+        if _ray_start(service.get("command") or []) is not None or _medretrain_env(service):
+            assert env.get("RAY_AUTH_MODE") == "token", name
+            assert env.get("RAY_AUTH_TOKEN"), name
+        probe = " ".join(service.get("healthcheck", {}).get("test", []))
+        if any(f"localhost:{port}/" in probe for port in ray_ports):
+            assert "os.environ['RAY_AUTH_TOKEN']" in probe and "Bearer" in probe, name

@@ -247,3 +247,29 @@ def test_ray_pods_admit_only_medretrain_pods_and_the_operator(documents: list[di
             if "containers" in template["spec"]:
                 labels = template.get("metadata", {}).get("labels", {})
                 assert admitted.items() <= labels.items(), f"{document['kind']}/{document['metadata']['name']}"
+
+
+def test_ray_speaks_token_auth_with_one_token(documents: list[dict[str, Any]]) -> None:
+    """Both Ray clusters require the token of one Secret, and each pod that calls Ray (the orchestrator's jobs,
+    `stack check` in a readiness probe) gets that Secret's token; no other pod holds it."""
+    token = _one(documents, "Secret", "medretrain-ray-token")["stringData"]
+    assert set(token) == {"auth_token"}  # the key KubeRay reads
+    assert "change-me" in token["auth_token"]
+    for kind in ("RayCluster", "RayService"):
+        spec = _one(documents, kind)["spec"]
+        auth = spec["authOptions"] if kind == "RayCluster" else spec["rayClusterConfig"]["authOptions"]
+        assert auth == {"mode": "token", "secretName": "medretrain-ray-token"}, kind
+    ray_clients = {"Deployment/medretrain-orchestrator/orchestrator",
+                   "Deployment/medretrain-drift-monitor/drift-monitor"}  # fmt: skip
+    for where, container in _containers(documents):
+        if not where.startswith("Deployment/") and not where.startswith("Job/"):
+            continue  # Ray pods: KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN from authOptions
+        env = {e["name"]: e for e in container.get("env", [])}
+        if where in ray_clients:
+            assert env["RAY_AUTH_MODE"]["value"] == "token", where
+            ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "medretrain-ray-token", "key": "auth_token"}, where
+        else:
+            assert "RAY_AUTH_TOKEN" not in env, where
+    probes = {where for where, c in _containers(documents) if "stack" in str(c.get("readinessProbe", {}))}
+    assert probes <= ray_clients, "a `stack check` probe asks the Ray dashboard, which needs the token"
