@@ -71,8 +71,13 @@ def down_command(
     if not stopped:
         console.print("nothing was running")
     if purge:
+        try:
+            dropped = drop_databases(settings)  # first: a refusal (databases still in use) keeps the home
+        except RuntimeError as e:
+            console.print(f"[red]✗[/] {e}")
+            raise typer.Exit(1) from e
         shutil.rmtree(settings.stack.home, ignore_errors=True)
-        console.print(f"[green]✓[/] removed {settings.stack.home}; dropped databases {drop_databases(settings)}")
+        console.print(f"[green]✓[/] removed {settings.stack.home}; dropped databases {dropped}")
 
 
 @stack_app.command("add-node")

@@ -82,6 +82,7 @@ def stack() -> Settings:
     if not s3.server_dir(settings).exists():
         # A new stack home means empty S3: registry rows or snapshots left in the test databases by an
         # earlier stack would point at objects that no longer exist (a fresh CI clone on a used machine).
+        # Databases a running stack still uses are refused, never dropped (drop_databases).
         drop_databases(settings)
     users = settings.stack.home / "run" / "users"
     users.mkdir(parents=True, exist_ok=True)

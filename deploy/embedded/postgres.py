@@ -102,13 +102,31 @@ def existing_databases(settings: Settings) -> list[str]:
 
 
 def drop_databases(settings: Settings) -> list[str]:
-    """``DROP DATABASE`` (closing its sessions) for the stack's PostgreSQL databases; returns the dropped names."""
+    """``DROP DATABASE`` for the stack's PostgreSQL databases; returns the dropped names.
+
+    Refuses (RuntimeError, nothing dropped) while any of them has a session: a database in use belongs to a
+    live stack (another home's MLflow server or services pointed at the same URL), whose data this must not take.
+    """
+    in_use = {name: n for name, n in sessions(settings).items() if n}
+    if in_use:
+        busy = ", ".join(f"{name} ({n} sessions)" for name, n in sorted(in_use.items()))
+        raise RuntimeError(f"not dropping databases in use by a running stack: {busy}; stop it first")
     dropped = []
     for url in _stack_urls(settings):
         with _maintenance(url) as (target, conn):
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target.database)))
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(target.database)))
         dropped.append(target.database)
     return dropped
+
+
+def sessions(settings: Settings) -> dict[str, int]:
+    """Open sessions (other than this check's) of each of the stack's databases on an external server."""
+    counts = {}
+    for url in _stack_urls(settings):
+        with _maintenance(url) as (target, conn):
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+            counts[target.database] = conn.execute(query, (target.database,)).fetchone()[0]
+    return counts
 
 
 def server_dir(settings: Settings) -> Path:

@@ -107,6 +107,25 @@ def test_a_new_stack_home_refuses_an_earlier_stacks_databases(scratch_database, 
     assert not home.exists()  # refused before any service started
 
 
+@pytest.mark.integration
+def test_databases_in_use_are_never_dropped(scratch_database) -> None:
+    """A live stack's session on its database makes `drop_databases` (purge, the test stack's reset) refuse."""
+    import psycopg
+
+    from deploy.embedded.postgres import drop_databases
+
+    name, url = scratch_database
+    settings = with_overrides(load_settings(), {"database": {"url": url}, "mlflow": {"backend_store_uri": None}})
+    ensure_database(url)
+    refused = rf"not dropping databases in use by a running stack: {name} \(1 sessions\)"
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={name}"):  # the live stack's session
+        with pytest.raises(RuntimeError, match=refused):
+            drop_databases(settings)
+    assert ensure_database(url) is False  # still there
+    assert drop_databases(settings) == [name]  # the session closed: dropped
+    assert ensure_database(url) is True
+
+
 def test_unreachable_postgres_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="PostgreSQL unreachable for postgresql\\+psycopg://postgres@127.0.0.1:1/x"):
         ensure_database("postgresql+psycopg://postgres@127.0.0.1:1/x")
