@@ -248,6 +248,7 @@ def run(settings: Settings, args: argparse.Namespace, save) -> None:
         if args.serve:
             wait_ready(answers_url, 600)  # a real base loads in well under a minute
         cold = run_round(settings, split_events("train", args.events, seed=28), args.timeout, answers_url)
+        save({"cold_trigger_to_promotion_s": cold["trigger_to_promotion_s"], "cold": cold})  # kept if the rest fails
         warm = run_round(settings, split_events("production", args.events, seed=28), args.timeout, answers_url)
     finally:
         stop_services(procs)

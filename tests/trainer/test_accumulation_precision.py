@@ -13,6 +13,7 @@ import torch
 
 from schemas.data import QAPair
 from schemas.settings import LoraSettings, TrainSettings
+from tests.trainer.fitting import cpu_trainer
 from trainer.data import encode_rows
 from trainer.model import attach_lora, load_base
 from trainer.module import LoraFineTune, RankData
@@ -60,12 +61,8 @@ def _fit(model_dir: Path, cfg: TrainSettings, callbacks=()) -> Recording:
         if "lora_B" in name:  # PEFT starts B at zero, which would leave every A gradient zero
             torch.nn.init.normal_(param, std=0.02)
     module = Recording(model, cfg)
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=list(callbacks),
-        precision=cfg.precision, accumulate_grad_batches=cfg.gradient_accum,
-        reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = cpu_trainer(cfg, callbacks, precision=cfg.precision, accumulate_grad_batches=cfg.gradient_accum,
+                          limit_val_batches=0)
     trainer.fit(module, datamodule=RankData(ROWS, ROWS[:2], tokenizer, cfg))
     return module
 

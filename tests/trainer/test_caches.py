@@ -18,6 +18,7 @@ import torch
 from deploy.cache import BlobCache, purge
 from schemas.data import QAPair
 from schemas.settings import LoraSettings, TrainSettings, with_overrides
+from tests.trainer.fitting import cpu_trainer
 from trainer import item_cache
 from trainer.compile_cache import CompileCache, compile_key
 from trainer.data import collate_packed_items, training_items
@@ -173,11 +174,7 @@ def _losses(model_dir: Path, encode) -> list[float]:
     model, tokenizer = load_base(model_dir)
     cfg = CFG.model_copy(update={"max_steps": 4, "checkpoint_every_steps": 2, "warmup_steps": 1, "lr": 5e-3})
     losses = Losses()
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=[losses],
-        reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = cpu_trainer(cfg, [losses])
     module = LoraFineTune(attach_lora(model, LoraSettings(r=4, alpha=8)), cfg)
     trainer.fit(module, datamodule=RankData([*PRODUCTION, *MEDQUAD], MEDQUAD[:4], tokenizer, cfg, encode=encode))
     return losses.values

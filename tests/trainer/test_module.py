@@ -8,6 +8,7 @@ import torch
 
 from schemas.data import QAPair
 from schemas.settings import LoraSettings, TrainSettings
+from tests.trainer.fitting import cpu_trainer
 from trainer.data import collate, collate_packed_items, encode_rows, pack_items
 from trainer.loss import answer_loss
 from trainer.model import attach_lora, load_base
@@ -37,11 +38,7 @@ class Record(L.Callback):
 def _fit(model_dir: Path, folder: Path, ckpt_path: Path | None = None) -> tuple[L.Trainer, Record]:
     model, tokenizer = load_base(model_dir)
     record = Record(folder)
-    trainer = L.Trainer(
-        max_steps=CFG.max_steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=[record],
-        reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = cpu_trainer(CFG, [record])
     module = LoraFineTune(attach_lora(model, LoraSettings(r=4, alpha=8)), CFG)
     trainer.fit(module, datamodule=RankData(ROWS, ROWS[:4], tokenizer, CFG), ckpt_path=ckpt_path)
     return trainer, record
