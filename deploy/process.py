@@ -1,8 +1,9 @@
 """Background processes of the embedded stack: spawn, pid files, health waits, stop.
 
 Each service runs in its own session (process group) with stdout and stderr in
-``<home>/logs/<name>.log`` and ``<pid> <create_time>`` in ``<home>/run/<name>.pid``;
-the create time guards against a recycled pid being mistaken for our service.
+``<home>/logs/<name>.log`` and ``<pid> <start>`` in ``<home>/run/<name>.pid``, the start in seconds
+since boot: it guards against a recycled pid being mistaken for our service, and unlike the wall-clock
+create time it does not move when the clock is stepped (a suspended VM resumed, NTP).
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ def running_pid(home: Path, name: str) -> int | None:
     Never deletes the pid file: readers run concurrently with ``up``, and a stale file is simply overwritten.
     """
     try:
-        pid_text, created_text = pid_path(home, name).read_text().split()
+        pid_text, started_text = pid_path(home, name).read_text().split()
         proc = psutil.Process(int(pid_text))
-        if abs(proc.create_time() - float(created_text)) < 1 and _alive(proc):
+        # An epoch time is a file of a stack started before the start was kept as seconds since boot.
+        started = float(started_text)
+        since = proc.create_time() if started > psutil.boot_time() else _since_boot(proc)
+        if abs(since - started) < 1 and _alive(proc):
             return proc.pid
     except (FileNotFoundError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
         pass
     return None
+
+
+def _since_boot(proc: psutil.Process) -> float:
+    # psutil derives both from the clock of this call, so a clock step cancels out.
+    return proc.create_time() - psutil.boot_time()
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -115,10 +124,10 @@ def spawn(home: Path, name: str, launch: Launch) -> int:
             )
         except OSError as e:
             raise ServiceError(f"{name}: cannot run {launch.argv[0]}: {e}") from e
-    created = psutil.Process(proc.pid).create_time()
+    started = _since_boot(psutil.Process(proc.pid))
     # Atomic, so a concurrent `stack status` never reads a half-written file.
     tmp = pid_path(home, name).with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(f"{proc.pid} {created}\n")
+    tmp.write_text(f"{proc.pid} {started}\n")
     tmp.replace(pid_path(home, name))
     return proc.pid
 

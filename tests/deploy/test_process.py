@@ -38,9 +38,36 @@ def test_unhealthy_service_times_out_and_stop_ends_it(tmp_path: Path) -> None:
 def test_stale_pid_file_is_ignored(tmp_path: Path) -> None:
     path = process.pid_path(tmp_path, "gone")
     path.parent.mkdir(parents=True)
-    path.write_text("1 0.0\n")  # pid 1 exists but was created at another time: not ours
+    path.write_text("1 86400.0\n")  # pid 1 exists but started at another time (a day after boot): not ours
     assert process.running_pid(tmp_path, "gone") is None
     assert not process.stop(tmp_path, "gone")
+
+
+def test_a_stepped_clock_still_finds_the_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock jumps (a resumed VM): psutil's create time and boot time move together, the service stays ours."""
+    import psutil
+
+    pid = process.spawn(tmp_path, "sleepy", Launch(argv=[sys.executable, "-c", "import time; time.sleep(600)"],
+                                                   cwd=tmp_path))
+    real_boot, real_create = psutil.boot_time, psutil.Process.create_time
+    monkeypatch.setattr(psutil, "boot_time", lambda: real_boot() + 33.0)  # what a 33 s step shows on Linux
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: real_create(self) + 33.0)
+    try:
+        assert process.running_pid(tmp_path, "sleepy") == pid
+    finally:
+        monkeypatch.undo()
+        assert process.stop(tmp_path, "sleepy")
+
+
+def test_a_pid_file_with_the_epoch_create_time_is_still_read(tmp_path: Path) -> None:
+    """Stacks started before the start was kept as seconds since boot can still be stopped."""
+    import psutil
+
+    pid = process.spawn(tmp_path, "sleepy", Launch(argv=[sys.executable, "-c", "import time; time.sleep(600)"],
+                                                   cwd=tmp_path))
+    process.pid_path(tmp_path, "sleepy").write_text(f"{pid} {psutil.Process(pid).create_time()}\n")
+    assert process.running_pid(tmp_path, "sleepy") == pid
+    assert process.stop(tmp_path, "sleepy")
 
 
 def test_service_env_drops_caller_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
