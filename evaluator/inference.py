@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from rich.console import Console
 from rich.progress import Progress, track
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from schemas.data import QAPair
 from trainer.data import build_messages, collate, encode_rows
@@ -95,6 +96,17 @@ def answer_loss(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}
 
 
+class _AfterStep(StoppingCriteria):
+    """A stopping criterion that never stops: it calls ``hook`` once per decode step."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        self.hook = hook
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.hook()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def prompt_text(tokenizer, question: str) -> str:
     """The generation prompt, identical to the prompt part of a training row."""
     return tokenizer.apply_chat_template(build_messages(question), tokenize=False, add_generation_prompt=True)
@@ -110,13 +122,16 @@ def generate_answers(
     label: str,
     no_repeat_ngram_size: int = 0,
     progress: Progress | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[str]:
     """Greedy answers, batched with left padding so every prompt ends where generation starts.
 
     ``no_repeat_ngram_size`` > 0 forbids repeating any token n-gram of that size (still
     deterministic): small models fine-tuned on long list-style answers otherwise loop under
-    plain greedy decoding until the token limit.
+    plain greedy decoding until the token limit. ``after_step`` runs after each decode step (the
+    answer service lets adapter changes in there).
     """
+    stopping = StoppingCriteriaList([_AfterStep(after_step)] if after_step else [])
     answers: list[str] = []
     for chunk in _tracked(list(_batches(list(questions), batch_size)), f"generate {label}", progress):
         prompts = [prompt_text(tokenizer, q) for q in chunk]
@@ -133,6 +148,7 @@ def generate_answers(
             do_sample=False,
             no_repeat_ngram_size=no_repeat_ngram_size,
             pad_token_id=_pad_id(tokenizer),
+            stopping_criteria=stopping,
         )
         with _tokenizer_lock:
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

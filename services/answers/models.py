@@ -6,7 +6,9 @@
     version = models.acquire("champion"); ...; models.generate([Job(question, version)]); models.release(version)
 
 Champion and challenger on one base cost one base: each is a named PEFT adapter, picked per group of a
-batch with ``set_adapter``; a base version is served with the adapters disabled. Generation is the
+batch with ``set_adapter``; a base version is served with the adapters disabled. A new adapter joins the
+model between two decode steps of a running batch, not after the batch (20-30 s on a CPU), so a swap is
+routed within seconds of the alias move. Generation is the
 evaluator's (``generate_answers``: chat template, greedy, ``evaluate.no_repeat_ngram_size`` and
 ``max_new_tokens``), so what is served is what the gate measured.
 """
@@ -48,10 +50,16 @@ class Generated:
     tokens: int
 
 
+PLACEHOLDER = "base"
+"""Every base is wrapped in a PeftModel at load with this LoRA adapter (zero at init, so an identity; base
+versions are generated with the adapters disabled anyway)."""
+
+
 @dataclass
 class _Base:
     model: Any
-    """A PreTrainedModel, wrapped in a PeftModel once the first adapter is loaded."""
+    """A PeftModel from the start: adding an adapter to one leaves a batch that is generating unchanged, where
+    wrapping a bare model would put LoRA layers under it mid-batch."""
     tokenizer: Any
     adapters: set[str] = field(default_factory=set)
 
@@ -76,7 +84,10 @@ class ServedModels:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Generation and adapter changes take turns: PEFT adds and removes layers' LoRA weights in place.
+        # A change that waits is let in at the next decode step (see _changing and _let_changes_in).
         self._model_lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._changes_waiting = 0
         # Routes, loaded versions and pending counts: held briefly, never during generation.
         self._state = threading.Lock()
         self._bases: dict[str, _Base] = {}
@@ -103,18 +114,50 @@ class ServedModels:
             resolved = resolve(self.settings, version)  # the download runs while requests keep being served
         except Exception as e:
             raise VersionLoadError(f"version {version} cannot be downloaded: {e}") from e
+        self.add(resolved)
+
+    def add(self, resolved) -> None:
+        """Make a downloaded version (a trainer.registry.ResolvedModel) servable; VersionLoadError if it cannot be."""
         if resolved.adapter_dir is not None:
             check_adapter(resolved.adapter_dir)
-        with self._model_lock:
+        with self._changing():
             base = self._base_for(resolved)
             if resolved.adapter_dir is not None:
                 self._add_adapter(base, resolved)
         with self._state:
-            self._versions[version] = resolved
-        log.info("version %s loaded (base %s)", version, resolved.base_version)
+            self._versions[resolved.version] = resolved
+        log.info("version %s loaded (base %s)", resolved.version, resolved.base_version)
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """The model, for a change: taken at a running batch's next decode step (the batch then goes on)."""
+        with self._turn:
+            self._changes_waiting += 1
+        try:
+            with self._model_lock:
+                yield
+        finally:
+            with self._turn:
+                self._changes_waiting -= 1
+                self._turn.notify_all()
+
+    def _let_changes_in(self, base: _Base, active: str | None) -> None:
+        """Called by the generating thread (which holds the model) after each decode step."""
+        with self._turn:
+            if not self._changes_waiting:
+                return
+            self._model_lock.release()
+            try:
+                self._turn.wait_for(lambda: not self._changes_waiting)
+            finally:
+                self._model_lock.acquire()
+        if active is not None:
+            base.model.set_adapter(active)  # as it was: a change never moves the batch to another adapter
 
     def _base_for(self, resolved) -> _Base:
-        from trainer.model import load_base
+        from peft import get_peft_model
+
+        from trainer.model import load_base, lora_config
 
         base = self._bases.get(resolved.base_version)
         if base is None:
@@ -122,19 +165,18 @@ class ServedModels:
                 log.warning("version %s sits on base %s, not on the loaded base %s: loading that base too (one more "
                             "base model in memory)", resolved.version, resolved.base_version, sorted(self._bases))
             model, tokenizer = load_base(resolved.base_dir)
-            base = self._bases[resolved.base_version] = _Base(model.eval(), tokenizer)
+            peft = get_peft_model(model, lora_config(self.settings.train.lora), adapter_name=PLACEHOLDER)
+            base = self._bases[resolved.base_version] = _Base(peft.eval(), tokenizer)
         return base
 
     def _add_adapter(self, base: _Base, resolved) -> None:
-        from peft import PeftModel
-
         from trainer.model import load_adapter
 
         name = adapter_name(resolved.version)
         try:
-            base.model = load_adapter(base.model, resolved.adapter_dir, adapter_name=name).eval()
+            load_adapter(base.model, resolved.adapter_dir, adapter_name=name).eval()
         except Exception as e:
-            if isinstance(base.model, PeftModel) and name in base.model.peft_config and base.adapters:
+            if name in base.model.peft_config:
                 base.model.delete_adapter(name)  # no half-loaded adapter stays in the layers
             raise VersionLoadError(f"version {resolved.version}: adapter does not fit base "
                                    f"{resolved.base_version}: {e}") from e
@@ -161,13 +203,13 @@ class ServedModels:
             self._pending[version] -= 1
 
     def unload_unused(self) -> None:
-        """Drop versions no alias routes to and no request holds (a base's last adapter stays: PEFT needs one)."""
-        with self._model_lock, self._state:
+        """Drop versions no alias routes to and no request holds."""
+        with self._changing(), self._state:
             for version in [v for v in self._versions if v not in self._routes.values() and not self._pending[v]]:
                 resolved = self._versions.pop(version)
                 base = self._bases[resolved.base_version]
                 name = adapter_name(version)
-                if name in base.adapters and len(base.adapters) > 1:
+                if name in base.adapters:
                     base.model.delete_adapter(name)
                     base.adapters.discard(name)
                 if not any(r.base_version == resolved.base_version for r in self._versions.values()):
@@ -188,19 +230,18 @@ class ServedModels:
         return out  # type: ignore[return-value]
 
     def _generate_version(self, version: str, questions: list[str]) -> tuple[list[str], list[int]]:
-        from peft import PeftModel
-
         from evaluator.inference import generate_answers
 
         resolved = self._versions[version]
         base = self._bases[resolved.base_version]
-        adapters_off = resolved.adapter_dir is None and isinstance(base.model, PeftModel)
-        if resolved.adapter_dir is not None:
-            base.model.set_adapter(adapter_name(version))
+        active = None if resolved.adapter_dir is None else adapter_name(version)
+        if active is not None:
+            base.model.set_adapter(active)
         evaluate = self.settings.evaluate
-        with base.model.disable_adapter() if adapters_off else contextlib.nullcontext():
+        with base.model.disable_adapter() if active is None else contextlib.nullcontext():
             answers = generate_answers(base.model, base.tokenizer, questions, evaluate.max_new_tokens,
                                        batch_size=len(questions), label=f"v{version}",
-                                       no_repeat_ngram_size=evaluate.no_repeat_ngram_size, progress=_QUIET)
+                                       no_repeat_ngram_size=evaluate.no_repeat_ngram_size, progress=_QUIET,
+                                       after_step=lambda: self._let_changes_in(base, active))
         tokens = [len(ids) for ids in base.tokenizer(answers, add_special_tokens=False)["input_ids"]]
         return answers, tokens

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import stat
+import threading
+from pathlib import Path
 
+import pytest
+from eval_fixtures import save_adapter
+
+from evaluator.inference import generate_answers
 from schemas.settings import load_settings
 from services.answers.app import canary_share
 from services.answers.keys import bearer_matches, ensure_keys, keys_file
 from services.answers.metrics import ServiceMetrics
-from services.answers.models import ServedModels
+from services.answers.models import Job, ServedModels
 from services.answers.watch import SwapWatcher
+from trainer.model import build_tiny_llama, load_base
+from trainer.registry import ResolvedModel
+
+QUESTION = "What are the symptoms of glaucoma?"
 
 
 def test_keys_are_generated_once_private_and_never_printed(tmp_path):
@@ -42,3 +52,52 @@ def test_the_challenger_is_served_only_while_a_canary_runs_and_differs_from_the_
     assert targets(0.2, {"champion": "2", "challenger": "3"}) == {"champion": "2", "challenger": "3"}
     assert targets(0.2, {"champion": "3", "challenger": "3"}) == {"champion": "3"}
     assert targets(0.2, {}) == {}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+def version(base_dir: Path, number: str, adapter_dir: Path | None = None) -> ResolvedModel:
+    return ResolvedModel(name="m", version=number, base_version="1", base_dir=base_dir, adapter_dir=adapter_dir,
+                         origin="test")
+
+
+@pytest.mark.parametrize("order", [("1", "2"), ("2", "1")], ids=["base-version-first", "adapter-version-first"])
+def test_an_adapter_joins_mid_batch_and_the_running_batch_is_unchanged(base_dir, tmp_path, order):
+    """A change no longer waits for the batch to end (that made swaps wait 20-30 s on a CPU), and it cannot
+    change what the batch generates: the answers are those of the same batch run without the change."""
+    settings = load_settings(["evaluate.max_new_tokens=48", "evaluate.no_repeat_ngram_size=0"])
+    models = ServedModels(settings)
+    models.add(version(base_dir, "1"))
+    models.add(version(base_dir, "2", save_adapter(base_dir, tmp_path / "v2", seed=1)))
+    jobs = [Job(QUESTION, v) for v in order]
+    alone = models.generate(jobs)
+    bare, tokenizer = load_base(base_dir)
+    assert next(g.answer for g in alone if g.version == "1") == generate_answers(
+        bare, tokenizer, [QUESTION], 48, batch_size=1, label="bare")[0]  # the placeholder adapter is an identity
+    assert len({g.answer for g in alone}) == 2  # v2's adapter does change the answer
+
+    started, added, steps_after = threading.Event(), threading.Event(), []
+    let_in = models._let_changes_in
+
+    def slow_step(base, active) -> None:  # 20 ms a step until the change is in, so it lands mid-batch
+        started.set()
+        let_in(base, active)
+        if added.is_set():
+            steps_after.append(active)
+        else:
+            added.wait(0.02)
+
+    models._let_changes_in = slow_step
+    out: list = []
+    running = threading.Thread(target=lambda: out.extend(models.generate(jobs)))
+    running.start()
+    assert started.wait(30)
+    models.add(version(base_dir, "3", save_adapter(base_dir, tmp_path / "v3", seed=2)))
+    added.set()
+    running.join()
+    assert steps_after, "the change waited for the batch to end"
+    assert out == alone
+    assert models.generate([Job(QUESTION, "3")])[0].answer not in {g.answer for g in alone}
