@@ -174,23 +174,17 @@ def attach_lora(
     model: PreTrainedModel, lora: LoraSettings, adapter_dir: Path | None = None, trainable: bool = True
 ) -> PeftModel:
     """A new LoRA adapter from ``lora``, or the adapter in ``adapter_dir`` (its own config wins) to continue or use."""
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if adapter_dir is not None:
         return load_adapter(model, adapter_dir, trainable)
     if not trainable:
         raise ValueError("a new LoRA adapter is only useful for training: pass adapter_dir to load a frozen one")
-    return get_peft_model(model, lora_config(lora))
-
-
-def lora_config(lora: LoraSettings):
-    """The PEFT config of a new adapter (B starts at zero: the adapter is an identity until trained)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
+    config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
+    return get_peft_model(model, config)

@@ -50,18 +50,15 @@ class Generated:
     tokens: int
 
 
-PLACEHOLDER = "base"
-"""Every base is wrapped in a PeftModel at load with this LoRA adapter (zero at init, so an identity; base
-versions are generated with the adapters disabled anyway)."""
-
-
 @dataclass
 class _Base:
     model: Any
-    """A PeftModel from the start: adding an adapter to one leaves a batch that is generating unchanged, where
-    wrapping a bare model would put LoRA layers under it mid-batch."""
+    """A PreTrainedModel, wrapped in a PeftModel once the first adapter is loaded (a base version served
+    before that runs without PEFT's layers, as fast as a bare ``generate``)."""
     tokenizer: Any
     adapters: set[str] = field(default_factory=set)
+    bare_batch: bool = False
+    """A base-version batch is generating on the bare model: a wrap during it must leave the new layers off."""
 
 
 def adapter_name(version: str) -> str:
@@ -78,6 +75,18 @@ def check_adapter(adapter_dir) -> None:
         load_file(str(adapter_dir / "adapter_model.safetensors"))
     except Exception as e:
         raise VersionLoadError(f"adapter {adapter_dir} cannot be read: {e}") from e
+
+
+@contextlib.contextmanager
+def _bare_batch(base: _Base):
+    """A base-version batch on a model without PEFT layers; one wrapped meanwhile gets its adapters back after."""
+    base.bare_batch = True
+    try:
+        yield
+    finally:
+        base.bare_batch = False
+        if base.adapters:
+            base.model.base_model.enable_adapter_layers()
 
 
 class ServedModels:
@@ -155,9 +164,7 @@ class ServedModels:
             base.model.set_adapter(active)  # as it was: a change never moves the batch to another adapter
 
     def _base_for(self, resolved) -> _Base:
-        from peft import get_peft_model
-
-        from trainer.model import load_base, lora_config
+        from trainer.model import load_base
 
         base = self._bases.get(resolved.base_version)
         if base is None:
@@ -165,22 +172,25 @@ class ServedModels:
                 log.warning("version %s sits on base %s, not on the loaded base %s: loading that base too (one more "
                             "base model in memory)", resolved.version, resolved.base_version, sorted(self._bases))
             model, tokenizer = load_base(resolved.base_dir)
-            peft = get_peft_model(model, lora_config(self.settings.train.lora), adapter_name=PLACEHOLDER)
-            base = self._bases[resolved.base_version] = _Base(peft.eval(), tokenizer)
+            base = self._bases[resolved.base_version] = _Base(model.eval(), tokenizer)
         return base
 
     def _add_adapter(self, base: _Base, resolved) -> None:
+        from peft import PeftModel
+
         from trainer.model import load_adapter
 
         name = adapter_name(resolved.version)
         try:
-            load_adapter(base.model, resolved.adapter_dir, adapter_name=name).eval()
+            base.model = load_adapter(base.model, resolved.adapter_dir, adapter_name=name).eval()
         except Exception as e:
-            if name in base.model.peft_config:
+            if isinstance(base.model, PeftModel) and name in base.model.peft_config and base.adapters:
                 base.model.delete_adapter(name)  # no half-loaded adapter stays in the layers
             raise VersionLoadError(f"version {resolved.version}: adapter does not fit base "
                                    f"{resolved.base_version}: {e}") from e
         base.adapters.add(name)
+        if base.bare_batch:  # PEFT's layers went in under a base-version batch that is generating
+            base.model.base_model.disable_adapter_layers()
 
     def switch(self, routes: dict[str, str]) -> None:
         """Route aliases to loaded versions; requests already routed keep theirs."""
@@ -203,13 +213,13 @@ class ServedModels:
             self._pending[version] -= 1
 
     def unload_unused(self) -> None:
-        """Drop versions no alias routes to and no request holds."""
+        """Drop versions no alias routes to and no request holds (a base's last adapter stays: PEFT needs one)."""
         with self._changing(), self._state:
             for version in [v for v in self._versions if v not in self._routes.values() and not self._pending[v]]:
                 resolved = self._versions.pop(version)
                 base = self._bases[resolved.base_version]
                 name = adapter_name(version)
-                if name in base.adapters:
+                if name in base.adapters and len(base.adapters) > 1:
                     base.model.delete_adapter(name)
                     base.adapters.discard(name)
                 if not any(r.base_version == resolved.base_version for r in self._versions.values()):
@@ -230,6 +240,8 @@ class ServedModels:
         return out  # type: ignore[return-value]
 
     def _generate_version(self, version: str, questions: list[str]) -> tuple[list[str], list[int]]:
+        from peft import PeftModel
+
         from evaluator.inference import generate_answers
 
         resolved = self._versions[version]
@@ -238,7 +250,13 @@ class ServedModels:
         if active is not None:
             base.model.set_adapter(active)
         evaluate = self.settings.evaluate
-        with base.model.disable_adapter() if active is None else contextlib.nullcontext():
+        if active is not None:
+            adapters = contextlib.nullcontext()
+        elif isinstance(base.model, PeftModel):
+            adapters = base.model.disable_adapter()
+        else:
+            adapters = _bare_batch(base)
+        with adapters:
             answers = generate_answers(base.model, base.tokenizer, questions, evaluate.max_new_tokens,
                                        batch_size=len(questions), label=f"v{version}",
                                        no_repeat_ngram_size=evaluate.no_repeat_ngram_size, progress=_QUIET,

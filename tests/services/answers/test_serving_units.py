@@ -64,21 +64,9 @@ def version(base_dir: Path, number: str, adapter_dir: Path | None = None) -> Res
                          origin="test")
 
 
-@pytest.mark.parametrize("order", [("1", "2"), ("2", "1")], ids=["base-version-first", "adapter-version-first"])
-def test_an_adapter_joins_mid_batch_and_the_running_batch_is_unchanged(base_dir, tmp_path, order):
-    """A change no longer waits for the batch to end (that made swaps wait 20-30 s on a CPU), and it cannot
-    change what the batch generates: the answers are those of the same batch run without the change."""
-    settings = load_settings(["evaluate.max_new_tokens=48", "evaluate.no_repeat_ngram_size=0"])
-    models = ServedModels(settings)
-    models.add(version(base_dir, "1"))
-    models.add(version(base_dir, "2", save_adapter(base_dir, tmp_path / "v2", seed=1)))
-    jobs = [Job(QUESTION, v) for v in order]
-    alone = models.generate(jobs)
-    bare, tokenizer = load_base(base_dir)
-    assert next(g.answer for g in alone if g.version == "1") == generate_answers(
-        bare, tokenizer, [QUESTION], 48, batch_size=1, label="bare")[0]  # the placeholder adapter is an identity
-    assert len({g.answer for g in alone}) == 2  # v2's adapter does change the answer
-
+def generate_while_adding(models: ServedModels, jobs: list[Job], added_version: ResolvedModel) -> tuple[list, int]:
+    """Generate ``jobs`` while ``added_version`` is added from this thread; the answers and the decode steps
+    the batch ran after the change was in (0 when the change waited for the batch to end)."""
     started, added, steps_after = threading.Event(), threading.Event(), []
     let_in = models._let_changes_in
 
@@ -95,9 +83,31 @@ def test_an_adapter_joins_mid_batch_and_the_running_batch_is_unchanged(base_dir,
     running = threading.Thread(target=lambda: out.extend(models.generate(jobs)))
     running.start()
     assert started.wait(30)
-    models.add(version(base_dir, "3", save_adapter(base_dir, tmp_path / "v3", seed=2)))
+    models.add(added_version)
     added.set()
     running.join()
-    assert steps_after, "the change waited for the batch to end"
-    assert out == alone
-    assert models.generate([Job(QUESTION, "3")])[0].answer not in {g.answer for g in alone}
+    models._let_changes_in = let_in
+    return out, len(steps_after)
+
+
+def test_adapters_join_mid_batch_and_the_running_batch_is_unchanged(base_dir, tmp_path):
+    """A change no longer waits for the batch to end (that made swaps wait 20-30 s on a CPU), and it cannot
+    change what the batch generates: the answers are those of the same batch run without the change. Both
+    kinds of change: the first adapter, which wraps the bare model in PEFT's layers under a base-version
+    batch, and a later one beside it, under a batch of each kind."""
+    settings = load_settings(["evaluate.max_new_tokens=48", "evaluate.no_repeat_ngram_size=0"])
+    models = ServedModels(settings)
+    models.add(version(base_dir, "1"))
+    base_only = models.generate([Job(QUESTION, "1")])
+    bare, tokenizer = load_base(base_dir)
+    assert base_only[0].answer == generate_answers(bare, tokenizer, [QUESTION], 48, batch_size=1, label="bare")[0]
+
+    for number, order in (("2", ("1",)), ("3", ("1", "2")), ("4", ("2", "1"))):
+        jobs = [Job(QUESTION, v) for v in order]
+        alone = models.generate(jobs)
+        added = version(base_dir, number, save_adapter(base_dir, tmp_path / f"v{number}", seed=int(number)))
+        out, steps_after = generate_while_adding(models, jobs, added)
+        assert steps_after, f"the change to v{number} waited for the batch to end"
+        assert out == alone
+        assert models.generate([Job(QUESTION, number)])[0].answer not in {g.answer for g in alone}  # it is on
+    assert models.generate([Job(QUESTION, "1")]) == base_only  # PEFT's layers, off for the base version
