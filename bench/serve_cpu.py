@@ -162,6 +162,9 @@ def swap_phase(service: Service, settings, base_dir: Path, tmp: Path, min_reques
     moves: list[tuple[str, float, str]] = []  # (what, time the registry call returned, version now champion)
     stop = threading.Event()
     results, threads = start_clients(service, 8, stop=stop)
+    switches: list[tuple[float, str | None]] = []  # (time, the version the service routes the champion to)
+    threads.append(threading.Thread(target=_watch_routes, args=(service, switches, stop), daemon=True))
+    threads[-1].start()
 
     def versions(since: float) -> list[str | None]:
         return [r[3].get("model_version") for r in results if r[0] >= since]
@@ -180,17 +183,33 @@ def swap_phase(service: Service, settings, base_dir: Path, tmp: Path, min_reques
     for t in threads:
         t.join()
     return {"requests": len(results), "failed": sum(r[2] != 200 for r in results),
-            "moves": [_move_report(results, moves, i) for i in range(len(moves))]}
+            "moves": [_move_report(results, switches, moves, i) for i in range(len(moves))]}
 
 
-def _move_report(results: list, moves: list, i: int) -> dict:
-    """How long after a move the first request sent got the new version, and whether any later one did not."""
+def _watch_routes(service: Service, switches: list, stop: threading.Event) -> None:
+    """Each change of the version ``/v1/status`` routes the champion to, polled every 0.25 s."""
+    with httpx.Client(base_url=service.http.base_url, timeout=60, headers=service.auth) as http:
+        while not stop.is_set():
+            champion = http.get("/v1/status").json()["serving"].get("champion")
+            if not switches or switches[-1][1] != champion:
+                switches.append((time.time(), champion))
+            time.sleep(0.25)
+
+
+def _move_report(results: list, switches: list, moves: list, i: int) -> dict:
+    """How long after a move the service routed to the new version, and when a request sent got it.
+
+    The clients ask again only once answered (a batch takes 20-30 s here), so the first request sent after
+    the switch may leave long after it: ``switch_s`` is the service's part, ``latency_s`` the requests'.
+    """
     what, at, version = moves[i]
     until = moves[i + 1][1] if i + 1 < len(moves) else float("inf")
     window = sorted((r for r in results if at <= r[0] < until), key=lambda r: r[0])
     first_new = next(r for r in window if r[3].get("model_version") == version)
     stale = [r for r in window if r[0] > first_new[0] and r[3].get("model_version") != version]
-    return {"move": what, "to_version": version, "latency_s": first_new[0] - at,
+    since = moves[i - 1][1] if i else 0.0  # the service may switch before the registry call returns
+    switched = next(t for t, champion in switches if since < t < until and champion == version)
+    return {"move": what, "to_version": version, "switch_s": switched - at, "latency_s": first_new[0] - at,
             "first_answer_received_s": first_new[1] - at, "stale_after_switch": len(stale)}
 
 
@@ -252,7 +271,7 @@ def summary(raw: dict) -> dict:
         out["overhead_ratio"] = raw["single_request_p50_s"] / raw["bare_generate_p50_s"]
     if "swap" in raw:
         out["swap_failed_requests"] = raw["swap"]["failed"]
-        out["swap_latency_s"] = max(m["latency_s"] for m in raw["swap"]["moves"])
+        out["swap_latency_s"] = max(m["switch_s"] for m in raw["swap"]["moves"])
     if "rss" in raw:
         out["rss_increase_pct"] = raw["rss"]["rss_increase_pct"]
     return out
