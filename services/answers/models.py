@@ -57,8 +57,6 @@ class _Base:
     before that runs without PEFT's layers, as fast as a bare ``generate``)."""
     tokenizer: Any
     adapters: set[str] = field(default_factory=set)
-    bare_batch: bool = False
-    """A base-version batch is generating on the bare model: a wrap during it must leave the new layers off."""
 
 
 def adapter_name(version: str) -> str:
@@ -77,16 +75,25 @@ def check_adapter(adapter_dir) -> None:
         raise VersionLoadError(f"adapter {adapter_dir} cannot be read: {e}") from e
 
 
+def _set_adapters_off(base: _Base, off: bool) -> None:
+    """PEFT's layers off (or back on) for a base-version batch; a bare model has none to switch."""
+    from peft import PeftModel
+
+    if isinstance(base.model, PeftModel):
+        if off:
+            base.model.base_model.disable_adapter_layers()
+        else:
+            base.model.base_model.enable_adapter_layers()
+
+
 @contextlib.contextmanager
-def _bare_batch(base: _Base):
-    """A base-version batch on a model without PEFT layers; one wrapped meanwhile gets its adapters back after."""
-    base.bare_batch = True
+def _adapters_off(base: _Base):
+    """A base-version batch; the model may be wrapped in PEFT meanwhile, so the state is looked at on each side."""
+    _set_adapters_off(base, True)
     try:
         yield
     finally:
-        base.bare_batch = False
-        if base.adapters:
-            base.model.base_model.enable_adapter_layers()
+        _set_adapters_off(base, False)
 
 
 class ServedModels:
@@ -160,8 +167,11 @@ class ServedModels:
                 self._turn.wait_for(lambda: not self._changes_waiting)
             finally:
                 self._model_lock.acquire()
+        # As it was: a change (adding an adapter, or wrapping the bare model) never changes the batch's adapters.
         if active is not None:
-            base.model.set_adapter(active)  # as it was: a change never moves the batch to another adapter
+            base.model.set_adapter(active)
+        else:
+            _set_adapters_off(base, True)
 
     def _base_for(self, resolved) -> _Base:
         from trainer.model import load_base
@@ -189,8 +199,6 @@ class ServedModels:
             raise VersionLoadError(f"version {resolved.version}: adapter does not fit base "
                                    f"{resolved.base_version}: {e}") from e
         base.adapters.add(name)
-        if base.bare_batch:  # PEFT's layers went in under a base-version batch that is generating
-            base.model.base_model.disable_adapter_layers()
 
     def switch(self, routes: dict[str, str]) -> None:
         """Route aliases to loaded versions; requests already routed keep theirs."""
@@ -240,8 +248,6 @@ class ServedModels:
         return out  # type: ignore[return-value]
 
     def _generate_version(self, version: str, questions: list[str]) -> tuple[list[str], list[int]]:
-        from peft import PeftModel
-
         from evaluator.inference import generate_answers
 
         resolved = self._versions[version]
@@ -250,13 +256,7 @@ class ServedModels:
         if active is not None:
             base.model.set_adapter(active)
         evaluate = self.settings.evaluate
-        if active is not None:
-            adapters = contextlib.nullcontext()
-        elif isinstance(base.model, PeftModel):
-            adapters = base.model.disable_adapter()
-        else:
-            adapters = _bare_batch(base)
-        with adapters:
+        with _adapters_off(base) if active is None else contextlib.nullcontext():
             answers = generate_answers(base.model, base.tokenizer, questions, evaluate.max_new_tokens,
                                        batch_size=len(questions), label=f"v{version}",
                                        no_repeat_ngram_size=evaluate.no_repeat_ngram_size, progress=_QUIET,
